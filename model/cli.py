@@ -1,0 +1,139 @@
+"""The ``vpdsr`` command line.
+
+This module owns the entry point; every package adds its sub-commands through the
+``vpdsr.commands`` entry-point group (a ``register(subparsers)`` function), so ``model`` needs no
+import of ``service`` or ``training``. User mistakes (bad paths, unknown models, checkpoints that
+do not fit) end with a one-line message and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .config import ModelConfig
+from .device import resolve_device, resolve_dtype
+from .errors import VPDSRError
+from .registry import Registry
+
+DEFAULT_MODEL = "vpdsr-small@production"
+
+
+def common_options() -> argparse.ArgumentParser:
+    """Options every sub-command accepts (use as ``parents=[common_options()]``)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument(
+        "--registry", type=Path, default=None, help="registry folder (default: $VPDSR_REGISTRY or ./registry)"
+    )
+    return parser
+
+
+def device_options() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    return parser
+
+
+def upscale(args: argparse.Namespace) -> int:
+    from .pipeline import SRPipeline  # heavy: only for the commands that run the model
+
+    if not args.input.is_file():
+        raise VPDSRError(f"input image not found: {args.input}")
+    try:
+        with Image.open(args.input) as img:
+            image = ImageOps.exif_transpose(img)
+            image.load()
+    except (UnidentifiedImageError, OSError) as exc:
+        raise VPDSRError(f"cannot read {args.input} as an image: {exc}") from None
+    device = resolve_device(args.device)
+    pipe = SRPipeline.from_registry(args.model, Registry(args.registry), device=device, dtype=resolve_dtype(args.dtype))
+    result = pipe(image, steps=args.steps, seed=args.seed, tile=args.tile)
+    if result.mode == "RGBA" and args.output.suffix.lower() in (".jpg", ".jpeg"):
+        result = result.convert("RGB")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    result.save(args.output)
+    print(f"{args.input} {image.size[0]}x{image.size[1]} -> {args.output} {result.size[0]}x{result.size[1]} "
+          f"({pipe.name}:{pipe.version}, {pipe.check_steps(args.steps)} step(s), {device})")
+    return 0
+
+
+def import_resshift(args: argparse.Namespace) -> int:
+    from .checkpoint import import_resshift as run_import
+
+    config = None
+    if args.config is not None:
+        if not args.config.is_file():
+            raise VPDSRError(f"config not found: {args.config}")
+        config = ModelConfig.from_resshift_yaml(args.config)
+    entry = run_import(args.unet, args.autoencoder, Registry(args.registry), args.name,
+                       config=config, version=args.version, alias=args.alias or None)
+    print(f"imported {entry.ref} into {entry.path}")
+    return 0
+
+
+def registry_list(args: argparse.Namespace) -> int:
+    rows = Registry(args.registry).list()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print(f"registry {Registry(args.registry).root} is empty")
+    for row in rows:
+        aliases = ",".join(row["aliases"]) or "-"
+        print(f"{row['name']}:{row['version']}\t{row['kind']}\tsteps={row['inference_steps']}\taliases={aliases}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    common, device = common_options(), device_options()
+
+    p = sub.add_parser("upscale", parents=[common, device], help="upscale one image ×4")
+    p.add_argument("input", type=Path)
+    p.add_argument("output", type=Path)
+    p.add_argument("--model", default=DEFAULT_MODEL, help="registry reference: name, name:version or name@alias")
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's own)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tile", type=int, default=None, help="tile size in LR pixels (default: automatic)")
+    p.set_defaults(handler=upscale)
+
+    p = sub.add_parser("import-resshift", parents=[common], help="import official ResShift .pth checkpoints")
+    p.add_argument("--unet", type=Path, required=True, help="e.g. resshift_realsrx4_s15_v1.pth")
+    p.add_argument("--autoencoder", type=Path, required=True, help="e.g. autoencoder_vq_f4.pth")
+    p.add_argument("--config", type=Path, default=None, help="ResShift YAML (default: v1 x4 real-SR)")
+    p.add_argument("--name", required=True)
+    p.add_argument("--version", default=None, help="default: next free number")
+    p.add_argument("--alias", default="production", help="alias to point at the new version ('' for none)")
+    p.set_defaults(handler=import_resshift)
+
+    p = sub.add_parser("registry", help="inspect the model registry")
+    reg = p.add_subparsers(dest="registry_command", required=True)
+    p = reg.add_parser("list", parents=[common], help="list models, versions and aliases")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=registry_list)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vpdsr", description="VPD-SR one-step diffusion super-resolution")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for entry in sorted(entry_points(group="vpdsr.commands"), key=lambda e: e.name):
+        entry.load()(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except VPDSRError as exc:
+        print(f"vpdsr: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

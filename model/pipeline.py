@@ -1,0 +1,235 @@
+"""Image in, ×4 image out: the ResShift / VPD-SR inference pipeline.
+
+Per tile of the (padded) LR image:  z_y = E(bicubic×sf(LR)) · scale_factor,
+x_T = z_y + κ√η_T ε,  x̂0 = sampler(…),  SR = D(x̂0 / scale_factor)  (decoder quantises).
+
+The work is exposed in three pieces so that the HTTP service can batch tiles of different
+requests together: :meth:`SRPipeline.plan` (image → equal tiles + their noise), :meth:`run_tiles`
+(a stacked batch of tiles → SR tiles) and :meth:`TilePlan.assemble` (SR tiles → image).
+:meth:`SRPipeline.__call__` strings them together for one image.
+
+Noise is drawn once for the whole padded latent from the request's seed and cropped per tile, so
+results do not depend on how the image was tiled or batched and a seed reproduces a result.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+
+from .autoencoder import VQAutoencoder
+from .config import ModelConfig
+from .checkpoint import load_into
+from .errors import InvalidRequest
+from .registry import Registry
+from .sampler import sample
+from .schedule import ResShiftSchedule
+from .tiling import TileGrid
+from .unet import SwinUNet
+
+ImageInput = Image.Image | np.ndarray
+
+
+@dataclass(frozen=True)
+class Tile:
+    lr: Tensor  # (3, t, t) in [-1, 1]
+    noise: Tensor  # (C_latent, t·ls, t·ls)
+
+
+@dataclass
+class TilePlan:
+    """How one image is cut into tiles, and everything needed to put the SR result together."""
+
+    grid: TileGrid
+    tiles: list[Tile]
+    height: int
+    width: int
+    scale: int
+    grayscale: bool
+    alpha: Image.Image | None
+
+    @property
+    def tile_size(self) -> int:
+        return self.grid.tile
+
+    def assemble(self, outputs: Sequence[Tensor]) -> Image.Image:
+        """SR tiles (3, t·s, t·s) in [-1, 1], in ``tiles`` order → the upscaled PIL image."""
+        canvas = self.grid.blend(list(outputs))[:, : self.height * self.scale, : self.width * self.scale]
+        pixels = ((canvas.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        image = Image.fromarray(pixels, "RGB")
+        if self.grayscale:
+            image = image.convert("L")
+        if self.alpha is not None:
+            # Alpha carries no texture for the diffusion model: a bicubic resize keeps edges clean.
+            image.putalpha(self.alpha.resize(image.size, Image.Resampling.BICUBIC))
+        return image
+
+
+def split_alpha(image: ImageInput) -> tuple[Image.Image, bool, Image.Image | None]:
+    """RGB image to process, whether the input was greyscale, and its alpha channel if any."""
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3, 4)):
+            raise InvalidRequest(f"expected a uint8 array (H, W[, 1|3|4]), got {image.dtype} {image.shape}")
+        image = Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[2] == 1 else image)
+    has_alpha = image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
+    alpha = image.convert("RGBA").getchannel("A") if has_alpha else None
+    grayscale = image.mode in ("L", "LA", "I", "I;16", "F", "1")
+    return image.convert("RGB"), grayscale, alpha
+
+
+def _pad(x: Tensor, height: int, width: int) -> Tensor:
+    """Pad (B, C, h, w) on the bottom/right to (height, width); reflect where the image allows it."""
+    ph, pw = height - x.shape[-2], width - x.shape[-1]
+    if ph == 0 and pw == 0:
+        return x
+    mode = "reflect" if ph < x.shape[-2] and pw < x.shape[-1] else "replicate"
+    return F.pad(x, (0, pw, 0, ph), mode=mode)
+
+
+def _batches(items: Sequence[Tile], size: int) -> Iterator[Sequence[Tile]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+class SRPipeline:
+    """A loaded super-resolution model (Swin-UNet + VQGAN + schedule) on one device and dtype."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        unet: SwinUNet,
+        autoencoder: VQAutoencoder,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        tile_sizes: Sequence[int] | None = None,
+        tile_overlap: float = 0.25,
+        max_tile_batch: int = 4,
+        name: str = "unnamed",
+        version: str = "0",
+    ) -> None:
+        self.config = config
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.unet = unet.eval().requires_grad_(False).to(self.device, dtype)
+        self.autoencoder = autoencoder.eval().requires_grad_(False).to(self.device, dtype)
+        self.schedule = ResShiftSchedule(config.diffusion)
+        self.scale = config.diffusion.sf
+        # Latent pixels per LR pixel (1 for x4 SR with an f4 autoencoder).
+        self.latent_scale = self.scale // config.autoencoder.ddconfig.downsample_factor
+        self.multiple = max(1, self.unet.size_multiple // self.latent_scale)
+        default_tiles = (config.unet.image_size, 2 * config.unet.image_size)
+        self.tile_sizes = tuple(sorted(self.check_tile(t) for t in (tile_sizes or default_tiles)))
+        self.tile_overlap = tile_overlap
+        self.max_tile_batch = max_tile_batch
+        self.name = name
+        self.version = version
+
+    @classmethod
+    def from_registry(
+        cls, ref: str, registry: Registry | str | Path | None = None, **kwargs: object
+    ) -> "SRPipeline":
+        reg = registry if isinstance(registry, Registry) else Registry(registry)
+        entry = reg.resolve(ref)
+        unet_state, vq_state = entry.state_dicts()
+        return cls.from_state_dicts(entry.config(), unet_state, vq_state, name=entry.name, version=entry.version, **kwargs)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_state_dicts(
+        cls, config: ModelConfig, unet_state: dict[str, Tensor], vq_state: dict[str, Tensor], **kwargs: object
+    ) -> "SRPipeline":
+        unet = SwinUNet.from_config(config.unet)
+        autoencoder = VQAutoencoder.from_config(config.autoencoder)
+        load_into(unet, unet_state, "UNet")
+        load_into(autoencoder, vq_state, "autoencoder")
+        return cls(config, unet, autoencoder, **kwargs)  # type: ignore[arg-type]
+
+    # -- options ---------------------------------------------------------------------------------
+    def check_tile(self, tile: int) -> int:
+        if tile <= 0 or tile % self.multiple:
+            raise InvalidRequest(f"tile size must be a positive multiple of {self.multiple} LR pixels, got {tile}")
+        return tile
+
+    def check_steps(self, steps: int | None) -> int:
+        steps = self.config.inference_steps if steps is None else steps
+        if not 1 <= steps <= self.schedule.num_steps:
+            raise InvalidRequest(f"steps must be between 1 and {self.schedule.num_steps} for this model, got {steps}")
+        return steps
+
+    # -- the three pieces ------------------------------------------------------------------------
+    def plan(self, image: ImageInput, seed: int | None = None, tile: int | None = None) -> TilePlan:
+        """Pad the image and cut it into equal overlapping tiles, each with its share of the noise."""
+        rgb, grayscale, alpha = split_alpha(image)
+        width, height = rgb.size
+        padded_h = max(math.ceil(height / self.multiple) * self.multiple, self.multiple)
+        padded_w = max(math.ceil(width / self.multiple) * self.multiple, self.multiple)
+        if tile is None:
+            longest = max(padded_h, padded_w)
+            tile = next((t for t in self.tile_sizes if t >= longest), self.tile_sizes[-1])
+        tile = self.check_tile(tile)
+        padded_h, padded_w = max(padded_h, tile), max(padded_w, tile)
+
+        lr = torch.from_numpy(np.asarray(rgb, dtype=np.float32)).permute(2, 0, 1)[None] / 127.5 - 1
+        lr = _pad(lr, padded_h, padded_w)[0]
+        seed = random.randrange(2**63) if seed is None else seed
+        ls = self.latent_scale
+        generator = torch.Generator().manual_seed(seed)
+        noise = torch.randn(
+            (self.config.autoencoder.embed_dim, padded_h * ls, padded_w * ls), generator=generator
+        )
+        overlap = int(tile * self.tile_overlap) if tile < max(padded_h, padded_w) else 0
+        grid = TileGrid(padded_h, padded_w, tile, overlap, self.scale)
+        tiles = [
+            Tile(lr[:, y : y + tile, x : x + tile], noise[:, y * ls : (y + tile) * ls, x * ls : (x + tile) * ls])
+            for y, x in grid.boxes
+        ]
+        return TilePlan(grid, tiles, height, width, self.scale, grayscale, alpha)
+
+    @torch.inference_mode()
+    def run_tiles(self, lr: Tensor, noise: Tensor, steps: int | None = None) -> Tensor:
+        """A batch of LR tiles (B, 3, t, t) in [-1, 1] and their noise → SR tiles (B, 3, st, st), float32 CPU."""
+        steps = self.check_steps(steps)
+        lr = lr.to(self.device, torch.float32)
+        z_y = self.encode_lr(lr)
+        x0 = sample(self.unet, self.schedule, z_y, lr.to(self.dtype), noise.to(self.device, self.dtype), steps)
+        return self.decode(x0).float().cpu()
+
+    def encode_lr(self, lr: Tensor) -> Tensor:
+        """z_y: VQ latent (not quantised) of the bicubic-upsampled LR image."""
+        up = F.interpolate(lr.float(), scale_factor=self.scale, mode="bicubic", align_corners=False)
+        return self.autoencoder.encode(up.to(self.dtype)) * self.config.diffusion.scale_factor
+
+    def decode(self, z: Tensor) -> Tensor:
+        return self.autoencoder.decode(z / self.config.diffusion.scale_factor, quantize=True)
+
+    # -- convenience -----------------------------------------------------------------------------
+    def __call__(
+        self, image: ImageInput, steps: int | None = None, seed: int | None = None, tile: int | None = None
+    ) -> Image.Image:
+        """Upscale one image (any size; large ones are tiled, ``max_tile_batch`` tiles at a time)."""
+        steps = self.check_steps(steps)
+        plan = self.plan(image, seed=seed, tile=tile)
+        outputs: list[Tensor] = []
+        for batch in _batches(plan.tiles, self.max_tile_batch):
+            lr = torch.stack([t.lr for t in batch])
+            noise = torch.stack([t.noise for t in batch])
+            outputs.extend(self.run_tiles(lr, noise, steps))
+        return plan.assemble(outputs)
+
+    def warmup(self, batch_sizes: Sequence[int], steps: int | None = None) -> None:
+        """Run every (tile bucket, batch size) shape once so the first requests pay no start-up cost."""
+        channels = self.config.autoencoder.embed_dim
+        for tile in self.tile_sizes:
+            for batch in batch_sizes:
+                lr = torch.zeros(batch, 3, tile, tile)
+                noise = torch.zeros(batch, channels, tile * self.latent_scale, tile * self.latent_scale)
+                self.run_tiles(lr, noise, steps)

@@ -1,0 +1,54 @@
+"""Model registry: layout, references, aliases and path safety."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from model import InvalidModelRef, ModelNotFound, ModelRef, Registry
+from tests.conftest import save_tiny_model
+
+
+def test_references(tmp_path: Path) -> None:
+    save_tiny_model(tmp_path, version="1")
+    save_tiny_model(tmp_path, version="2")
+    reg = Registry(tmp_path)
+    reg.set_alias("tiny", "production", "1")
+    reg.set_alias("tiny", "canary", "2")
+    assert reg.resolve("tiny").version == "1"  # the production alias wins over the newest version
+    assert reg.resolve("tiny:2").version == "2"
+    assert reg.resolve("tiny@canary").version == "2"
+    assert reg.resolve("tiny@production").path == tmp_path / "tiny" / "1"
+    assert reg.next_version("tiny") == "3"
+    rows = reg.list()
+    assert [(r["name"], r["version"], r["aliases"]) for r in rows] == [
+        ("tiny", "1", ["production"]), ("tiny", "2", ["canary"])
+    ]
+
+
+def test_missing_models(tmp_path: Path) -> None:
+    save_tiny_model(tmp_path)
+    reg = Registry(tmp_path)
+    for ref in ("nope", "tiny:9", "tiny@staging"):
+        with pytest.raises(ModelNotFound):
+            reg.resolve(ref)
+
+
+@pytest.mark.parametrize("ref", ["../etc", "a/b", "tiny:../../x", "tiny@..", "", "x:y:z", "/abs", "tiny:.hidden"])
+def test_refs_that_could_escape_are_rejected(ref: str) -> None:
+    with pytest.raises(InvalidModelRef):
+        ModelRef.parse(ref)
+
+
+def test_weights_round_trip_in_half_precision(tmp_path: Path) -> None:
+    import torch
+
+    entry = save_tiny_model(tmp_path)
+    unet, vq = entry.state_dicts()
+    reg = Registry(tmp_path)
+    half = reg.save("half", "1", entry.config(), unet, vq, dtype=torch.float16)
+    unet16, _ = half.state_dicts()
+    assert all(t.dtype == torch.float16 for k, t in unet16.items() if unet[k].is_floating_point())
+    assert unet16["input_blocks.1.1.blocks.0.attn.relative_position_index"].dtype == torch.int64
+    assert half.config() == entry.config()

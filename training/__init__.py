@@ -1,0 +1,1 @@
+"""Training side of VPD-SR: data, synthetic degradations, trainers and evaluation (imports ``model``, never ``service``)."""

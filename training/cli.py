@@ -1,0 +1,94 @@
+"""``vpdsr degrade``: write HR crops and their synthetic LR images, to see what the model trains on.
+
+Registered in the ``vpdsr`` command line through the ``vpdsr.commands`` entry-point group
+(:func:`register`); :func:`main` runs this package's commands alone, for tests and ``python -m``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from model.errors import VPDSRError
+
+from .data import HRCropDataset, list_images
+from .degradations import DegradationConfig, Degrader
+
+
+def _save_png(image: Tensor, path: Path) -> None:
+    pixels = torch.round(image.clamp(0, 1) * 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    Image.fromarray(np.ascontiguousarray(pixels)).save(path)
+
+
+def write_pairs(in_dir: Path, out_dir: Path, seed: int, count: int | None, crop: int) -> int:
+    """Write ``count`` (default: one per image) pairs as ``out_dir/{hr,lr}/NNNN_name.png``.
+
+    Images are taken in listing order, cycling if ``count`` exceeds them (new crops and degradations
+    each time). Returns the number written; raises ``OSError``/``ValueError`` for bad paths or images.
+    """
+    dataset = HRCropDataset(list_images([in_dir]), crop_size=crop)
+    degrader = Degrader()
+    generator = torch.Generator().manual_seed(seed)
+    count = len(dataset) if count is None else count
+    for folder in ("hr", "lr"):
+        (out_dir / folder).mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        index = i % len(dataset)
+        hr = dataset.load(index, generator)
+        lr = degrader(hr[None], generator)[0]
+        name = f"{i:04d}_{dataset.paths[index].stem}.png"
+        _save_png(hr, out_dir / "hr" / name)
+        _save_png(lr, out_dir / "lr" / name)
+    return count
+
+
+def degrade(args: argparse.Namespace) -> int:
+    """The ``vpdsr degrade`` handler: user mistakes become :class:`VPDSRError` (one line, exit 2)."""
+    scale = DegradationConfig().scale
+    if args.crop % scale or args.crop < 8 * scale:
+        raise VPDSRError(f"--crop must be a multiple of {scale} and at least {8 * scale}, got {args.crop}")
+    if args.count is not None and args.count < 1:
+        raise VPDSRError(f"--count must be positive, got {args.count}")
+    try:
+        count = write_pairs(args.in_dir, args.out_dir, args.seed, args.count, args.crop)
+    except (OSError, ValueError) as exc:
+        raise VPDSRError(str(exc)) from None
+    print(f"wrote {count} HR/LR pairs ({args.crop}² → {args.crop // scale}²) to {args.out_dir}")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add this package's sub-commands to the ``vpdsr`` parser."""
+    parser = subparsers.add_parser(
+        "degrade",
+        help="write HR crops and synthetic LR images (Real-ESRGAN degradation) for inspection",
+        description="Crop HR images from IN_DIR (a folder or a list file) and degrade them as in training.",
+    )
+    parser.add_argument("in_dir", type=Path, metavar="IN_DIR", help="folder of images, or a .txt list of paths")
+    parser.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="receives hr/ and lr/ sub-folders")
+    parser.add_argument("--seed", type=int, default=0, help="same seed, same crops and degradations")
+    parser.add_argument("--count", type=int, default=None, help="number of pairs (default: one per image)")
+    parser.add_argument("--crop", type=int, default=256, help="HR crop size; LR is a quarter of it")
+    parser.set_defaults(handler=degrade)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run this package's commands as ``vpdsr`` would, without the entry-point discovery."""
+    parser = argparse.ArgumentParser(prog="vpdsr")
+    register(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except VPDSRError as exc:
+        print(f"vpdsr: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
