@@ -80,6 +80,10 @@ def split_alpha(image: ImageInput) -> tuple[Image.Image, bool, Image.Image | Non
         if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3, 4)):
             raise InvalidRequest(f"expected a uint8 array (H, W[, 1|3|4]), got {image.dtype} {image.shape}")
         image = Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[2] == 1 else image)
+    if image.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N"):
+        # 16-bit greyscale: PIL's convert() would clip at 255 instead of rescaling the range.
+        wide = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray(np.clip(wide / 257, 0, 255).round().astype(np.uint8), "L")
     has_alpha = image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
     alpha = image.convert("RGBA").getchannel("A") if has_alpha else None
     grayscale = image.mode in ("L", "LA", "I", "I;16", "F", "1")
@@ -114,14 +118,27 @@ class SRPipeline:
         tile_sizes: Sequence[int] | None = None,
         tile_overlap: float = 0.25,
         max_tile_batch: int = 4,
+        channels_last: bool = False,
+        compile_mode: str | None = None,
+        compile_backend: str = "inductor",
         name: str = "unnamed",
         version: str = "0",
     ) -> None:
         self.config = config
         self.device = torch.device(device)
         self.dtype = dtype
-        self.unet = unet.eval().requires_grad_(False).to(self.device, dtype)
-        self.autoencoder = autoencoder.eval().requires_grad_(False).to(self.device, dtype)
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.memory_format = memory_format
+        self.unet = unet.eval().requires_grad_(False).to(self.device, dtype, memory_format=memory_format)
+        self.autoencoder = autoencoder.eval().requires_grad_(False).to(self.device, dtype, memory_format=memory_format)
+        # The eager float32 path stays the reference; compile_mode (e.g. "max-autotune" or, on CUDA,
+        # "reduce-overhead" for CUDA graphs) traces encode→sample→decode once per static tile shape.
+        self._forward = self._tiles_forward
+        if compile_mode is not None:
+            mode = {"mode": compile_mode} if compile_backend == "inductor" else {}
+            self._forward = torch.compile(  # type: ignore[assignment]
+                self._tiles_forward, backend=compile_backend, dynamic=False, **mode
+            )
         self.schedule = ResShiftSchedule(config.diffusion)
         self.scale = config.diffusion.sf
         # Latent pixels per LR pixel (1 for x4 SR with an f4 autoencoder).
@@ -140,8 +157,11 @@ class SRPipeline:
     ) -> "SRPipeline":
         reg = registry if isinstance(registry, Registry) else Registry(registry)
         entry = reg.resolve(ref)
+        config = entry.config()
+        if config.kind == "autoencoder":
+            raise InvalidRequest(f"{entry.ref} is an autoencoder-only entry, not a super-resolution model")
         unet_state, vq_state = entry.state_dicts()
-        return cls.from_state_dicts(entry.config(), unet_state, vq_state, name=entry.name, version=entry.version, **kwargs)  # type: ignore[arg-type]
+        return cls.from_state_dicts(config, unet_state, vq_state, name=entry.name, version=entry.version, **kwargs)  # type: ignore[arg-type]
 
     @classmethod
     def from_state_dicts(
@@ -198,15 +218,29 @@ class SRPipeline:
     def run_tiles(self, lr: Tensor, noise: Tensor, steps: int | None = None) -> Tensor:
         """A batch of LR tiles (B, 3, t, t) in [-1, 1] and their noise → SR tiles (B, 3, st, st), float32 CPU."""
         steps = self.check_steps(steps)
-        lr = lr.to(self.device, torch.float32)
+        if self.device.type == "cuda":
+            # Pinned host buffers make the copies asynchronous, so they overlap queued GPU work.
+            lr, noise = lr.pin_memory(), noise.pin_memory()
+        lr = lr.to(self.device, torch.float32, non_blocking=True)
+        noise = noise.to(self.device, self.dtype, non_blocking=True)
+        out = self._forward(lr, noise, steps)
+        if self.device.type != "cuda":
+            return out.float()
+        host = torch.empty(out.shape, dtype=torch.float32, pin_memory=True)
+        host.copy_(out, non_blocking=True)
+        torch.cuda.current_stream(self.device).synchronize()
+        return host
+
+    def _tiles_forward(self, lr: Tensor, noise: Tensor, steps: int) -> Tensor:
         z_y = self.encode_lr(lr)
-        x0 = sample(self.unet, self.schedule, z_y, lr.to(self.dtype), noise.to(self.device, self.dtype), steps)
-        return self.decode(x0).float().cpu()
+        x0 = sample(self.unet, self.schedule, z_y, lr.to(self.dtype), noise, steps)
+        return self.decode(x0)
 
     def encode_lr(self, lr: Tensor) -> Tensor:
         """z_y: VQ latent (not quantised) of the bicubic-upsampled LR image."""
         up = F.interpolate(lr.float(), scale_factor=self.scale, mode="bicubic", align_corners=False)
-        return self.autoencoder.encode(up.to(self.dtype)) * self.config.diffusion.scale_factor
+        up = up.to(self.dtype).contiguous(memory_format=self.memory_format)
+        return self.autoencoder.encode(up) * self.config.diffusion.scale_factor
 
     def decode(self, z: Tensor) -> Tensor:
         return self.autoencoder.decode(z / self.config.diffusion.scale_factor, quantize=True)

@@ -129,7 +129,7 @@ class WindowAttention(nn.Module):
         q, k, v = (t.view(n_windows // per_image, per_image * self.num_heads, n, head_dim) for t in qkv)
         bias = bias.reshape(1, per_image * self.num_heads, n, n).to(q.dtype)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-        out = out.view(n_windows, self.num_heads, n, head_dim).transpose(1, 2).reshape(n_windows, n, c)
+        out = out.reshape(n_windows, self.num_heads, n, head_dim).transpose(1, 2).reshape(n_windows, n, c)
         return F.dropout(self.proj(out), self.dropout, self.training)
 
 

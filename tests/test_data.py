@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from training.cli import main
+from model.cli import main
 from training.data import DataConfig, HRCropDataset, list_images, make_loader
 
 IMAGES = Path(__file__).parent / "fixtures" / "images"

@@ -280,3 +280,19 @@ def test_quantisation_tables_scale_like_libjpeg() -> None:
     assert luma[0, 0, 0] == 16 and chroma[0, 7, 7] == 99  # quality 50: the standard tables
     assert torch.all(luma[1] == 1) and torch.all(chroma[1] == 1)
     assert luma[2].max() == 255  # clipped to 8-bit steps
+
+
+def test_bicubic_kind_matches_pil_bicubic_downsampling() -> None:
+    import numpy as np
+    from PIL import Image
+
+    from training.degradations import DegradationConfig, Degrader
+
+    rng = np.random.default_rng(0)
+    hr = (rng.random((64, 96, 3)) * 255).astype(np.uint8)
+    hr = np.asarray(Image.fromarray(hr).resize((48, 32), Image.Resampling.BICUBIC).resize((96, 64)))
+    pil = np.asarray(Image.fromarray(hr).resize((24, 16), Image.Resampling.BICUBIC), dtype=np.float32)
+    tensor = torch.from_numpy(hr).permute(2, 0, 1)[None].float() / 255
+    lr = Degrader(DegradationConfig(kind="bicubic"))(tensor, 0)[0].permute(1, 2, 0).numpy() * 255
+    assert lr.shape == pil.shape
+    assert np.abs(lr - pil).mean() < 1.5

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from model import InvalidRequest, SRPipeline
+from model.pipeline import split_alpha
 from model.tiling import TileGrid, tile_starts
 from tests.conftest import FIXTURES
 
@@ -106,3 +107,11 @@ def test_tiled_run_is_seamless_and_matches_untiled(pipe: SRPipeline) -> None:
     small_tiles = np.asarray(pipe(crop, seed=3, tile=32), dtype=np.float32)
     psnr = 10 * np.log10(255**2 / np.mean((untiled - small_tiles) ** 2))
     assert psnr > 30, psnr
+
+
+def test_16_bit_greyscale_is_rescaled_not_clipped(pipe: SRPipeline) -> None:
+    ramp = np.linspace(0, 65535, 16 * 16).reshape(16, 16).astype(np.uint16)
+    rgb, grayscale, _ = split_alpha(Image.fromarray(ramp))
+    assert grayscale
+    values = np.asarray(rgb)[..., 0]
+    assert values.min() == 0 and values.max() == 255 and np.all(np.diff(values.ravel().astype(int)) >= 0)

@@ -7,7 +7,6 @@ Registered in the ``vpdsr`` command line through the ``vpdsr.commands`` entry-po
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -76,19 +75,3 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--count", type=int, default=None, help="number of pairs (default: one per image)")
     parser.add_argument("--crop", type=int, default=256, help="HR crop size; LR is a quarter of it")
     parser.set_defaults(handler=degrade)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run this package's commands as ``vpdsr`` would, without the entry-point discovery."""
-    parser = argparse.ArgumentParser(prog="vpdsr")
-    register(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
-    args = parser.parse_args(argv)
-    try:
-        return int(args.handler(args))
-    except VPDSRError as exc:
-        print(f"vpdsr: error: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,289 @@
+"""``/v1/jobs``: asynchronous upscales through the Redis job queue.
+
+``POST /v1/jobs`` takes exactly what ``POST /v1/upscale`` takes (same body, same options) and
+validates it the same way before anything is queued, so a bad image or option is a synchronous
+4xx, never a failed job. The upload is stored in Redis as received; a worker (or this process)
+runs it through the same Engine at background priority and stores the encoded result.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+
+from ..auth import require_api_key
+from ..engine import Engine, EngineState
+from ..errors import ERROR_DESCRIPTIONS, ErrorResponse, InvalidParameters, Overloaded, ServiceError
+from ..imageio import decode_image, read_upload
+from ..routes.upscale import _REQUEST_BODY, check_options, merge_form_fields
+from ..schemas import UpscaleParams
+from ..settings import Settings
+from .consumer import REDIS_DOWN
+from .queue import JobQueue, JobRecord, QueueFull, fingerprint
+from .runtime import JobSystem
+
+MAX_IDEMPOTENCY_KEY = 255
+RETRY_AFTER_S = 5
+
+
+# -- errors --------------------------------------------------------------------------------------
+class JobsDisabled(ServiceError):
+    status, code = 503, "jobs_disabled"
+
+
+class JobsUnavailable(ServiceError):
+    status, code = 503, "jobs_unavailable"
+
+
+class JobNotFound(ServiceError):
+    status, code = 404, "job_not_found"
+
+
+class JobConflict(ServiceError):
+    status = 409
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class IdempotencyKeyReused(ServiceError):
+    status, code = 422, "idempotency_key_reused"
+
+
+class JobQueueFull(Overloaded):
+    status, code = 429, "job_queue_full"
+
+
+def _errors(*statuses: int, extra: dict[int, str] | None = None) -> dict[int | str, dict[str, Any]]:
+    descriptions = ERROR_DESCRIPTIONS | {
+        404: "unknown job id, or the job expired (job_ttl_s)",
+        503: "job queue disabled (`jobs_disabled`: no VPDSR_REDIS_URL) or Redis unreachable "
+        "(`jobs_unavailable`, `Retry-After`); POST /v1/upscale still works",
+    } | (extra or {})
+    return {s: {"model": ErrorResponse, "description": descriptions[s]} for s in statuses}
+
+
+# -- bodies --------------------------------------------------------------------------------------
+class JobError(BaseModel):
+    code: str
+    message: str
+
+
+class JobResultInfo(BaseModel):
+    content_type: str
+    size: int
+    width: int | None = None
+    height: int | None = None
+    seed: int | None = None
+    steps: int | None = None
+    model: str | None = None
+    version: str | None = None
+
+
+class JobStatus(BaseModel):
+    id: str
+    state: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    status_url: str
+    result_url: str | None = Field(None, description="set once the job succeeded")
+    created_at: datetime | None = None
+    started_at: datetime | None = Field(None, description="start of the latest attempt")
+    finished_at: datetime | None = None
+    attempts: int = Field(description="attempts started so far (a retried or reclaimed job has several)")
+    error: JobError | None = Field(
+        None, description="why it failed; on a queued job, why the previous attempt failed"
+    )
+    result: JobResultInfo | None = None
+
+
+def _time(value: float | None) -> datetime | None:
+    return None if value is None else datetime.fromtimestamp(value, tz=timezone.utc)
+
+
+def status_body(request: Request, job: JobRecord) -> JobStatus:
+    status_url = str(request.url_for("get_job", job_id=job.id).path)
+    result = None
+    if job.state == "succeeded" and job.result_content_type:
+        meta = job.result_meta
+        result = JobResultInfo(
+            content_type=job.result_content_type,
+            size=job.result_size or 0,
+            **{k: meta.get(k) for k in ("width", "height", "seed", "steps", "model", "version")},
+        )
+    return JobStatus(
+        id=job.id,
+        state=job.state,  # type: ignore[arg-type]
+        status_url=status_url,
+        result_url=f"{status_url}/result" if job.state == "succeeded" else None,
+        created_at=_time(job.created_at),
+        started_at=_time(job.started_at),
+        finished_at=_time(job.finished_at),
+        attempts=job.attempts,
+        error=JobError(code=job.error_code, message=job.error_message or "") if job.error_code else None,
+        result=result,
+    )
+
+
+# -- plumbing ------------------------------------------------------------------------------------
+def job_queue(request: Request) -> JobQueue:
+    system: JobSystem | None = getattr(request.app.state, "jobs", None)
+    if system is None or not system.enabled or system.queue is None:
+        raise JobsDisabled(
+            "asynchronous jobs are disabled on this server (no VPDSR_REDIS_URL); use POST /v1/upscale"
+        )
+    return system.queue
+
+
+def _unavailable(exc: BaseException) -> JobsUnavailable:
+    return JobsUnavailable(
+        f"the job queue is unavailable (Redis: {exc or type(exc).__name__}); retry later, or use POST /v1/upscale",
+        headers={"Retry-After": str(RETRY_AFTER_S)},
+    )
+
+
+class _RedisGuard:
+    """``async with redis_guard():`` turns Redis outages into 503 ``jobs_unavailable``."""
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+        if exc is not None and isinstance(exc, REDIS_DOWN):
+            raise _unavailable(exc) from None
+        return False
+
+
+redis_guard = _RedisGuard
+
+
+router = APIRouter(prefix="/v1", tags=["jobs"], dependencies=[Depends(require_api_key)])
+
+
+@router.post(
+    "/jobs",
+    summary="Queue an upscale; poll the job, then fetch its result",
+    status_code=202,
+    response_model=JobStatus,
+    responses={
+        200: {"model": JobStatus, "description": "an existing job: same `Idempotency-Key` (and same request)"},
+        **_errors(400, 401, 404, 409, 413, 415, 422, 429, 503, extra={
+            404: "unknown model reference",
+            422: "invalid option, or an `Idempotency-Key` reused for a different request",
+            429: "job backlog full (`job_queue_full`): retry after `Retry-After` seconds",
+        }),
+    },
+    openapi_extra={"requestBody": _REQUEST_BODY},
+)
+async def submit_job(
+    request: Request,
+    params: Annotated[UpscaleParams, Query()],
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            alias="Idempotency-Key",
+            description="any client-chosen string (1-255 chars): resending it returns the same job "
+            "for job_ttl_s instead of queuing a duplicate",
+        ),
+    ] = None,
+) -> Response:
+    queue = job_queue(request)
+    settings: Settings = request.app.state.settings
+    engine: Engine = request.app.state.engine
+    if idempotency_key is not None and not 1 <= len(idempotency_key) <= MAX_IDEMPOTENCY_KEY:
+        raise InvalidParameters(f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters")
+    upload = await read_upload(request, settings.max_body_bytes)
+    options = merge_form_fields(params, upload.fields)
+    # Validate now, like /v1/upscale would, so that bad input is a 4xx here and not a failed job.
+    await run_in_threadpool(decode_image, upload.data, settings.max_pixels)
+    if engine.state is EngineState.READY:  # options need the model (steps, tiles); else the worker checks
+        check_options(engine, options)
+    stored = options.model_dump(exclude_none=True)
+    async with redis_guard():
+        try:
+            submitted = await queue.submit(upload.data, None, stored, idempotency=idempotency_key)
+        except QueueFull as exc:
+            raise JobQueueFull(f"{exc}; retry later", RETRY_AFTER_S) from None
+    job = submitted.job
+    if not submitted.created and job.fingerprint != fingerprint(upload.data, None, stored):
+        raise IdempotencyKeyReused(f"Idempotency-Key already used for job {job.id} with a different request")
+    body = status_body(request, job)
+    return JSONResponse(
+        body.model_dump(mode="json"),
+        status_code=202 if submitted.created else 200,
+        headers={"Location": body.status_url},
+    )
+
+
+@router.get(
+    "/jobs/{job_id}",
+    name="get_job",
+    summary="A job's state, timestamps, attempts and error",
+    response_model=JobStatus,
+    responses=_errors(401, 404, 503),
+)
+async def get_job(request: Request, job_id: str) -> JobStatus:
+    queue = job_queue(request)
+    async with redis_guard():
+        job = await queue.get(job_id)
+    if job is None:
+        raise JobNotFound(f"no job {job_id!r}: unknown, or expired")
+    return status_body(request, job)
+
+
+@router.get(
+    "/jobs/{job_id}/result",
+    summary="The result image of a succeeded job",
+    response_class=Response,
+    responses={
+        200: {"description": "the upscaled image, as POST /v1/upscale returns it",
+              "content": {t: {"schema": {"type": "string", "format": "binary"}}
+                          for t in ("image/png", "image/jpeg", "image/webp")}},
+        **_errors(401, 404, 409, 503, extra={409: "the job is not finished (`job_not_ready`), failed "
+                                                 "(`job_failed`) or was cancelled (`job_cancelled`)"}),
+    },
+)
+async def get_result(request: Request, job_id: str) -> Response:
+    queue = job_queue(request)
+    async with redis_guard():
+        job = await queue.get(job_id)
+        if job is None:
+            raise JobNotFound(f"no job {job_id!r}: unknown, or expired")
+        if job.state in ("queued", "running"):
+            raise JobConflict("job_not_ready", f"job {job_id} is {job.state}; poll {job_id} until it succeeded")
+        if job.state == "failed":
+            raise JobConflict("job_failed", f"job {job_id} failed: {job.error_message or job.error_code}")
+        if job.state == "cancelled":
+            raise JobConflict("job_cancelled", f"job {job_id} was cancelled")
+        data = await queue.result(job_id)
+    if data is None:
+        raise JobNotFound(f"the result of job {job_id!r} expired")
+    headers = {str(k): str(v) for k, v in job.result_meta.get("headers", {}).items()}
+    return Response(data, media_type=job.result_content_type or "application/octet-stream", headers=headers)
+
+
+@router.delete(
+    "/jobs/{job_id}",
+    summary="Cancel a queued job",
+    response_model=JobStatus,
+    responses=_errors(401, 404, 409, 503, extra={409: "the job is already running or finished (`job_not_cancellable`)"}),
+)
+async def cancel_job(request: Request, job_id: str) -> JobStatus:
+    queue = job_queue(request)
+    system: JobSystem = request.app.state.jobs
+    async with redis_guard():
+        outcome, state = await queue.cancel(job_id)
+        if outcome == "missing":
+            raise JobNotFound(f"no job {job_id!r}: unknown, or expired")
+        if outcome == "conflict":
+            raise JobConflict("job_not_cancellable", f"job {job_id} is {state}: only a queued job can be cancelled")
+        if outcome == "cancelled":
+            system.metrics.jobs.labels("cancelled").inc()
+        job = await queue.get(job_id)
+    if job is None:
+        raise JobNotFound(f"no job {job_id!r}: unknown, or expired")
+    return status_body(request, job)

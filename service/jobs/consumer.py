@@ -1,0 +1,288 @@
+"""The consumer loop: read jobs from the stream, run them through a processor, store results.
+
+Used by the API process (unless ``VPDSR_CONSUME_JOBS=false``) and by ``vpdsr worker``. It knows
+nothing about images or models: it calls a :data:`Processor` (bytes + options in, bytes out), so
+it is tested with real Redis and a fake processor, and the service plugs in its Engine.
+
+Guarantees (see docs/jobs.md):
+
+- at-least-once: an entry is acknowledged only in the script that stores the job's final state;
+  a consumer that dies leaves it pending and another one takes it over with XAUTOCLAIM once it
+  has been idle longer than the visibility timeout;
+- at most ``concurrency`` jobs are held at once (so a few jobs can share a batch on the Engine,
+  and a crash strands few);
+- Redis going away never kills the loop: it waits with capped, jittered exponential back-off and
+  carries on when Redis is back; a finished result is stored with retries until the visibility
+  timeout, after which another worker would redo the job anyway;
+- :meth:`JobConsumer.stop` stops taking jobs, lets the ones in hand finish within a grace period
+  and gives the rest back to the queue at once (attempt refunded), or leaves them pending for
+  XAUTOCLAIM if Redis cannot be reached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import socket
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from redis.exceptions import RedisError
+
+from .metrics import JobMetrics, job_metrics
+from .queue import Delivery, JobQueue
+
+log = logging.getLogger("vpdsr.jobs")
+
+# Errors that mean "Redis is not there right now" (connection refused / reset, timeouts, a
+# server still loading its data, a replica during fail-over). Anything else is a bug.
+REDIS_DOWN = (RedisError, OSError)
+
+
+@dataclass(frozen=True)
+class JobInput:
+    id: str
+    data: bytes
+    content_type: str | None
+    options: dict[str, Any]
+    attempt: int
+
+
+@dataclass(frozen=True)
+class JobOutput:
+    data: bytes
+    content_type: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+Processor = Callable[[JobInput], Awaitable[JobOutput]]
+
+
+class JobError(Exception):
+    """A permanent failure (the input or options can never succeed): the job fails at once, without
+    retries. Any other exception is taken as transient and retried up to ``max_attempts``."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def consumer_name() -> str:
+    """Unique per process, so XAUTOCLAIM knows whose entries it takes over."""
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+class Backoff:
+    """Capped exponential back-off with full jitter."""
+
+    def __init__(self, base: float = 0.2, cap: float = 10.0) -> None:
+        self.base, self.cap, self.failures = base, cap, 0
+
+    def next(self) -> float:
+        delay = min(self.cap, self.base * 2**self.failures)
+        self.failures += 1
+        return random.uniform(delay / 2, delay)
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
+class JobConsumer:
+    def __init__(
+        self,
+        queue: JobQueue,
+        processor: Processor,
+        *,
+        name: str | None = None,
+        concurrency: int = 4,
+        block_ms: int = 1000,
+        reclaim_interval_s: float | None = None,
+        metrics: JobMetrics | None = None,
+    ) -> None:
+        self.queue = queue
+        self.processor = processor
+        self.name = name or consumer_name()
+        self.concurrency = max(1, concurrency)
+        self.block_ms = block_ms
+        vis = queue.visibility_timeout_s
+        self.reclaim_interval_s = reclaim_interval_s or min(30.0, max(0.2, vis / 4))
+        self.metrics = metrics or job_metrics()
+        self.connected = False
+        self._stopping = asyncio.Event()
+        self._tasks: dict[asyncio.Task[None], Delivery] = {}
+        self._loop_task: asyncio.Task[None] | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._loop_task = asyncio.create_task(self.run(), name=f"job-consumer-{self.name}")
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._tasks)
+
+    def abort_in_flight(self) -> None:
+        """Cancel the jobs in hand now (each is handed back to the queue); used by a second SIGTERM."""
+        for task in list(self._tasks):
+            task.cancel()
+
+    async def stop(self, grace_s: float = 30.0) -> None:
+        """Stop taking jobs; give those in hand ``grace_s`` to finish, then hand them back."""
+        self._stopping.set()
+        if self._loop_task is not None:
+            try:  # the loop notices within one XREADGROUP block
+                await asyncio.wait_for(asyncio.shield(self._loop_task), self.block_ms / 1000 + 5)
+            except asyncio.TimeoutError:
+                self._loop_task.cancel()
+                await asyncio.gather(self._loop_task, return_exceptions=True)
+        if self._tasks:
+            log.info("job consumer %s: waiting up to %.0f s for %d job(s)", self.name, grace_s, len(self._tasks))
+            _, still = await asyncio.wait(list(self._tasks), timeout=grace_s)
+            for task in still:  # each one releases its job when cancelled
+                task.cancel()
+            await asyncio.gather(*still, return_exceptions=True)
+        try:  # tidy: a consumer with nothing pending can leave the group
+            await self.queue.forget_consumer(self.name)
+        except REDIS_DOWN:
+            pass
+        log.info("job consumer %s stopped", self.name)
+
+    # -- the loop --------------------------------------------------------------------------------
+    async def run(self) -> None:
+        backoff = Backoff()
+        while not self._stopping.is_set():
+            try:
+                await self.queue.ensure_group()
+                if not self.connected:
+                    log.info("job consumer %s: consuming %s", self.name, "vpdsr:jobs")
+                self.connected = True
+                backoff.reset()
+                await self._consume()
+            except REDIS_DOWN as exc:
+                delay = backoff.next()
+                if self.connected or backoff.failures == 1:
+                    log.warning("job consumer %s: Redis unavailable (%s); retrying", self.name, exc)
+                self.connected = False
+                try:
+                    await asyncio.wait_for(self._stopping.wait(), delay)
+                except asyncio.TimeoutError:
+                    pass
+            except Exception:  # a bug: log it, keep the consumer alive
+                log.exception("job consumer %s: unexpected error", self.name)
+                await asyncio.sleep(1.0)
+
+    async def _consume(self) -> None:
+        next_reclaim = 0.0
+        while not self._stopping.is_set():
+            free = self.concurrency - len(self._tasks)
+            if free > 0 and time.monotonic() >= next_reclaim:
+                deliveries, requeued = await self.queue.reclaim(self.name, free)
+                if deliveries or requeued:
+                    self.metrics.reclaims.inc(len(deliveries) + requeued)
+                    log.warning("job consumer %s: reclaimed %d job(s) from dead or stalled consumers",
+                                self.name, len(deliveries) + requeued)
+                for delivery in deliveries:
+                    self._spawn(delivery)
+                # A full batch may mean more are waiting: look again at once.
+                next_reclaim = 0.0 if len(deliveries) == free else time.monotonic() + self.reclaim_interval_s
+                free = self.concurrency - len(self._tasks)
+            if free <= 0:
+                await asyncio.wait(list(self._tasks), timeout=self.reclaim_interval_s,
+                                   return_when=asyncio.FIRST_COMPLETED)
+                continue
+            for delivery in await self.queue.read(self.name, free, self.block_ms):
+                if self._stopping.is_set():  # arrived while stopping: not ours to run any more
+                    await self._release(delivery)
+                else:
+                    self._spawn(delivery)
+
+    def _spawn(self, delivery: Delivery) -> None:
+        task = asyncio.create_task(self._handle(delivery), name=f"job-{delivery.job_id}")
+        self._tasks[task] = delivery
+        task.add_done_callback(self._tasks.pop)
+
+    # -- one job ---------------------------------------------------------------------------------
+    async def _handle(self, delivery: Delivery) -> None:
+        try:
+            started = await self.queue.start(delivery, self.name)
+        except REDIS_DOWN as exc:  # still pending: XAUTOCLAIM brings it back
+            log.warning("job %s: could not start (%s); left pending", delivery.job_id, exc)
+            return
+        if started.outcome == "skip":
+            log.debug("job %s: skipped (%s)", delivery.job_id, started.detail)
+            return
+        if started.outcome == "dead_lettered":
+            self._dead_lettered(delivery.job_id, started.message)
+            return
+        if started.outcome == "failed":
+            self.metrics.jobs.labels("failed").inc()
+            log.warning("job %s failed: %s", delivery.job_id, started.message)
+            return
+
+        job = JobInput(delivery.job_id, started.data, started.content_type, started.options, started.attempt)
+        deadline = time.monotonic() + self.queue.visibility_timeout_s
+        try:
+            output = await self.processor(job)
+        except asyncio.CancelledError:
+            await self._release(delivery)
+            raise
+        except JobError as exc:
+            await self._record(delivery, deadline, self.queue.fail, delivery, exc.code, exc.message, retryable=False)
+            return
+        except Exception as exc:
+            log.exception("job %s: attempt %d failed", delivery.job_id, started.attempt)
+            message = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            await self._record(delivery, deadline, self.queue.fail, delivery, "job_error", message, retryable=True)
+            return
+        await self._record(delivery, deadline, self.queue.complete, delivery, output.data, output.content_type,
+                           output.meta)
+
+    async def _record(self, delivery: Delivery, deadline: float, fn: Callable[..., Awaitable[Any]],
+                      *args: Any, **kwargs: Any) -> None:
+        """Store an outcome, retrying while Redis is away (until another worker would reclaim it)."""
+        backoff = Backoff(0.1, 5.0)
+        while True:
+            try:
+                finished = await fn(*args, **kwargs)
+                break
+            except asyncio.CancelledError:
+                await self._release(delivery)
+                raise
+            except REDIS_DOWN as exc:
+                if time.monotonic() >= deadline:
+                    log.error("job %s: could not store the outcome (%s); left pending for another worker",
+                              delivery.job_id, exc)
+                    return
+                await asyncio.sleep(min(backoff.next(), max(0.0, deadline - time.monotonic())))
+        outcome = finished.outcome
+        if outcome == "succeeded":
+            self.metrics.jobs.labels("succeeded").inc()
+            if finished.duration_s is not None:
+                self.metrics.duration.observe(max(0.0, finished.duration_s))
+        elif outcome == "failed":
+            self.metrics.jobs.labels("failed").inc()
+            log.info("job %s failed: %s", delivery.job_id, finished.message)
+        elif outcome == "dead_lettered":
+            self._dead_lettered(delivery.job_id, finished.message)
+        elif outcome == "retry":
+            log.info("job %s: queued again for another attempt", delivery.job_id)
+        else:  # duplicate / missing: another worker finished it first, or it expired
+            log.info("job %s: outcome not stored (%s)", delivery.job_id, outcome)
+
+    def _dead_lettered(self, job_id: str, message: str | None) -> None:
+        self.metrics.jobs.labels("dead_lettered").inc()
+        self.metrics.dead_letters.inc()
+        log.error("job %s dead-lettered: %s", job_id, message)
+
+    async def _release(self, delivery: Delivery) -> None:
+        """Hand a job back on shutdown; if Redis is away, it stays pending for XAUTOCLAIM."""
+        try:
+            outcome = await asyncio.shield(self.queue.release(delivery, self.name))
+            log.info("job %s: released on shutdown (%s)", delivery.job_id, outcome)
+        except (asyncio.CancelledError, *REDIS_DOWN):
+            log.warning("job %s: left pending on shutdown", delivery.job_id)

@@ -1,0 +1,138 @@
+"""Everything one process runs for the job queue: the Redis client, the queue, an optional
+consumer and the gauge refresher. The API process and ``vpdsr worker`` both use it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from .consumer import REDIS_DOWN, JobConsumer, JobInput, JobOutput, Processor
+from .metrics import JobMetrics, job_metrics
+from .queue import JobQueue
+from .settings import JobConfig
+
+log = logging.getLogger("vpdsr.jobs")
+
+PRUNE_EVERY_S = 300.0
+
+
+def connect(url: str, *, block_ms: int = 1000) -> Redis:
+    """A client that fails fast when Redis is away: callers decide (503, back-off) instead of
+    redis-py's default of ten retries. One retry on a broken connection covers the stale pooled
+    connections left by a Redis restart; timeouts are never retried (the command may have run)."""
+    return Redis.from_url(
+        url,
+        socket_connect_timeout=2,
+        socket_timeout=block_ms / 1000 + 5,  # above XREADGROUP's BLOCK
+        retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+        health_check_interval=30,
+    )
+
+
+def with_delay(processor: Processor, delay_s: float) -> Processor:
+    """VPDSR_JOB_TEST_DELAY_S: make every job slow, so tests can kill a worker in the middle of one."""
+    if delay_s <= 0:
+        return processor
+
+    async def delayed(job: JobInput) -> JobOutput:
+        await asyncio.sleep(delay_s)
+        return await processor(job)
+
+    return delayed
+
+
+class JobSystem:
+    def __init__(self, config: JobConfig, *, metrics: JobMetrics | None = None) -> None:
+        self.config = config
+        self.metrics = metrics or job_metrics()
+        self.redis: Redis | None = None
+        self.queue: JobQueue | None = None
+        self.consumer: JobConsumer | None = None
+        self._stats_task: asyncio.Task[None] | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.config.enabled
+
+    async def start(self) -> None:
+        """Never fails because Redis is down: the consumer and the gauges wait for it."""
+        if not self.enabled:
+            log.info("job queue disabled: VPDSR_REDIS_URL is not set")
+            return
+        cfg = self.config
+        self.redis = connect(cfg.redis_url or "", block_ms=cfg.block_ms)
+        self.queue = JobQueue(
+            self.redis,
+            ttl_s=cfg.ttl_s,
+            visibility_timeout_s=cfg.visibility_timeout_s,
+            max_attempts=cfg.max_attempts,
+            stream_maxlen=cfg.stream_maxlen,
+        )
+        self._stats_task = asyncio.create_task(self._stats_loop(), name="job-queue-stats")
+
+    def start_consumer(self, processor: Processor) -> None:
+        """Start consuming (once the model is warm: jobs taken earlier would only wait)."""
+        if self.queue is None or self.consumer is not None:
+            return
+        cfg = self.config
+        self.consumer = JobConsumer(
+            self.queue,
+            with_delay(processor, cfg.test_delay_s),
+            concurrency=cfg.concurrency,
+            block_ms=cfg.block_ms,
+            reclaim_interval_s=cfg.reclaim_interval_s,
+            metrics=self.metrics,
+        )
+        self.consumer.start()
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        if self.consumer is not None:
+            await self.consumer.stop(self.config.shutdown_grace_s if grace_s is None else grace_s)
+        if self._stats_task is not None:
+            self._stats_task.cancel()
+            await asyncio.gather(self._stats_task, return_exceptions=True)
+        if self.redis is not None:
+            await self.redis.aclose()
+
+    async def check(self, timeout_s: float = 1.0) -> dict[str, Any]:
+        """The job queue's part of /readyz: ``status`` ok | unavailable | disabled."""
+        if not self.enabled or self.redis is None:
+            return {"status": "disabled", "detail": "VPDSR_REDIS_URL is not set"}
+        try:
+            await asyncio.wait_for(self.redis.ping(), timeout_s)
+        except (asyncio.TimeoutError, *REDIS_DOWN) as exc:
+            return {"status": "unavailable", "detail": f"Redis unreachable: {exc or type(exc).__name__}"}
+        out: dict[str, Any] = {"status": "ok"}
+        if self.consumer is not None:
+            out["consumer"] = self.consumer.name
+        return out
+
+    async def refresh_gauges(self) -> None:
+        if self.queue is None:
+            return
+        stats = await self.queue.stats()
+        self.metrics.queue_length.set(stats.length)
+        self.metrics.pending.set(stats.pending)
+
+    async def _stats_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_prune = loop.time() + PRUNE_EVERY_S
+        while True:
+            try:
+                await self.refresh_gauges()
+                if loop.time() >= next_prune and self.queue is not None:
+                    next_prune = loop.time() + PRUNE_EVERY_S
+                    idle = max(3600.0, 4 * self.config.visibility_timeout_s)
+                    if pruned := await self.queue.prune_consumers(idle):
+                        log.info("removed %d idle consumer(s) of departed workers from the group", pruned)
+            except REDIS_DOWN:
+                pass  # the gauges keep their last values; the readiness check reports the outage
+            except Exception:
+                log.exception("job queue stats failed")
+            await asyncio.sleep(self.config.stats_interval_s)

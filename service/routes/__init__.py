@@ -1,0 +1,1 @@
+"""The HTTP API, one router per concern: upscaling, the model registry, health and metrics."""

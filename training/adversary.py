@@ -1,0 +1,52 @@
+"""The optional PatchGAN of the autoencoder and distillation trainers: one discriminator part, two hinge losses.
+
+The generator's term runs the discriminator *unwrapped and frozen* (gradients reach the fakes, not
+the discriminator's weights, and DDP's hooks stay out of it); the discriminator's term runs it
+through its DDP wrapper on real and detached fake samples concatenated into one batch (one forward
+per step, as DDP expects). Both parts then step in the same iteration.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .engine import Engine, OptimConfig, frozen
+from .losses import DiscriminatorConfig, PatchDiscriminator, generator_adv_loss, hinge_d_loss
+
+PART = "discriminator"
+
+
+@dataclass(frozen=True)
+class DiscriminatorSetup:
+    """The discriminator network, its optimiser, and the step from which the adversarial terms apply."""
+
+    network: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, betas=(0.5, 0.9)))
+    start_step: int = 0
+
+
+class Adversary:
+    """A discriminator trained alongside a generator."""
+
+    def __init__(self, engine: Engine, setup: DiscriminatorSetup, in_channels: int) -> None:
+        network = PatchDiscriminator(dataclasses.replace(setup.network, in_channels=in_channels))
+        self.part = engine.add_part(PART, network, setup.optim)
+        self.start_step = setup.start_step
+
+    def active(self, step: int) -> bool:
+        return step >= self.start_step
+
+    def generator_loss(self, fake: Tensor) -> Tensor:
+        """−E[D(fake)], differentiable in ``fake`` only."""
+        with frozen(self.part.module) as discriminator:
+            return generator_adv_loss(discriminator(fake).float())
+
+    def discriminator_loss(self, real: Tensor, fake: Tensor) -> Tensor:
+        """Hinge loss on real samples vs detached fakes."""
+        logits = self.part.net(torch.cat([real, fake.detach().to(real.dtype)])).float()
+        real_logits, fake_logits = logits.chunk(2)
+        return hinge_d_loss(real_logits, fake_logits)

@@ -1,0 +1,113 @@
+"""``vpdsr train autoencoder``: the VQGAN f4 whose latent space the diffusion models live in.
+
+Objective: L1 reconstruction + codebook and commitment losses (straight-through estimator inside
+:class:`model.VQAutoencoder`), plus an optional PatchGAN term on images (off by default: it sharpens
+textures but makes training slower and less stable). The registry entry is autoencoder-only:
+``kind: "autoencoder"``, ``inference_steps: 0`` and no ``unet.*`` weights; the teacher trainer takes
+its autoencoder from such an entry (``--autoencoder NAME``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from model.autoencoder import VQAutoencoder
+from model.config import AutoencoderConfig, ModelConfig
+from model.registry import Registry, RegistryEntry
+
+from . import engine as engine_lib
+from .adversary import Adversary, DiscriminatorSetup
+from .data import DataConfig
+from .engine import Engine, Losses, LossTerm, OptimConfig, RunConfig
+
+KIND = "autoencoder"
+
+
+@dataclass(frozen=True)
+class AutoencoderTrainConfig:
+    """Everything an autoencoder run needs (``training/configs/autoencoder-*.yaml``)."""
+
+    name: str = "vq-f4"
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    l1: LossTerm = field(default_factory=LossTerm)
+    codebook: LossTerm = field(default_factory=LossTerm)
+    """Weight of codebook + commitment losses (the commitment β is inside the quantiser)."""
+    adversarial: LossTerm = field(default_factory=lambda: LossTerm(enabled=False, weight=0.1))
+    anchor: LossTerm = field(default_factory=lambda: LossTerm(enabled=False, weight=1.0))
+    """L1 between the latent and the bicubic ×1/f image (needs embed_dim 3). Off for real models; the
+    small CPU-trained demo chain uses it so its latent stays image-like: then z_y ≈ z0 and the
+    decoder learns most of the super-resolution, which a few CPU minutes can train."""
+    discriminator: DiscriminatorSetup = field(default_factory=DiscriminatorSetup)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, betas=(0.5, 0.9)))
+    data: DataConfig = field(default_factory=DataConfig)
+    run: RunConfig = field(default_factory=lambda: RunConfig(ema_decay=None))
+
+    def __post_init__(self) -> None:
+        factor = self.autoencoder.ddconfig.downsample_factor
+        if self.data.crop_size % factor:
+            raise ValueError(f"data.crop_size {self.data.crop_size} must be a multiple of the autoencoder's factor {factor}")
+        if not (self.l1.enabled or self.codebook.enabled):
+            raise ValueError("at least one of l1 and codebook must be enabled")
+        if self.anchor.enabled and self.autoencoder.embed_dim != 3:
+            raise ValueError("anchor needs an RGB-like latent: autoencoder.embed_dim must be 3")
+
+
+class AutoencoderTrainer:
+    def __init__(self, cfg: AutoencoderTrainConfig, engine: Engine, registry: Registry, alias: str | None) -> None:
+        self.cfg, self.engine, self.registry, self.alias = cfg, engine, registry, alias
+        autoencoder = VQAutoencoder.from_config(cfg.autoencoder)
+        if cfg.anchor.enabled:
+            # An image-like latent lives in [-1, 1]³: spread the codes over that cube instead of
+            # taming's ±1/n_embed start, where nearly every latent would map to a handful of codes.
+            with torch.no_grad():
+                autoencoder.quantize.embedding.weight.uniform_(-1, 1)
+        self.part = engine.add_part(KIND, autoencoder, cfg.optim, ema=True)
+        self.adversary = (
+            Adversary(engine, cfg.discriminator, in_channels=cfg.autoencoder.ddconfig.out_ch)
+            if cfg.adversarial.enabled
+            else None
+        )
+
+    def losses(self, hr: Tensor, step: int) -> Losses:
+        cfg = self.cfg
+        target = hr * 2 - 1
+        recon, codebook_loss, commitment_loss = self.part.net(target)
+        terms: dict[str, tuple[float, Tensor]] = {}
+        if cfg.l1.enabled:
+            terms["l1"] = cfg.l1.weight, (recon.float() - target).abs().mean()
+        if cfg.codebook.enabled:
+            terms["codebook"] = cfg.codebook.weight, codebook_loss
+            terms["commitment"] = cfg.codebook.weight, commitment_loss
+        if cfg.anchor.enabled:
+            net = getattr(self.part.net, "module", self.part.net)  # plain module under DDP
+            small = F.interpolate(target, scale_factor=1 / net.downsample_factor, mode="bicubic", antialias=True)
+            terms["anchor"] = cfg.anchor.weight, (net.encode(target).float() - small).abs().mean()
+        adversarial = self.adversary is not None and self.adversary.active(step)
+        if adversarial:
+            terms["adversarial"] = cfg.adversarial.weight, self.adversary.generator_loss(recon)  # type: ignore[union-attr]
+        total = sum(weight * value for weight, value in terms.values())
+        log = {f"loss/{name}": value for name, (_, value) in terms.items()} | {"loss/total": total}
+        minimise = {KIND: total}
+        if adversarial:
+            minimise["discriminator"] = log["loss/discriminator"] = self.adversary.discriminator_loss(target, recon)  # type: ignore[union-attr]
+        return Losses(minimise, log)  # type: ignore[arg-type]
+
+    def publish(self) -> RegistryEntry:
+        provenance = {"source": f"vpdsr train {KIND}"} | self.engine.provenance(self.cfg.data)
+        config = ModelConfig(autoencoder=self.cfg.autoencoder, inference_steps=0, kind=KIND, provenance=provenance)
+        version = self.registry.next_version(self.cfg.name)
+        aliases = (self.alias,) if self.alias else ()
+        return self.registry.save(self.cfg.name, version, config, {}, self.engine.weights(KIND), aliases=aliases)
+
+
+def train(
+    cfg: AutoencoderTrainConfig, registry: Registry, resume: str | Path | None = None, alias: str | None = None
+) -> RegistryEntry | None:
+    """Train, then write ``<name>:<next version>`` into ``registry`` (rank 0); returns that entry."""
+    return engine_lib.train(cfg, lambda engine: AutoencoderTrainer(cfg, engine, registry, alias), resume)
+

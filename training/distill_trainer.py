@@ -1,0 +1,182 @@
+"""``vpdsr train distill``: VPD-SR's one-step student (Algorithm 1 of the paper).
+
+The student is a copy of the teacher's Swin-UNet; the teacher, the VQ autoencoder and the CLIP
+image encoder stay frozen. Per micro-batch:
+
+1. HR crops → Real-ESRGAN LR; ``z_y = E(bicubic×4(LR))``, ``z0 = E(HR)``; ``z_T = z_y + κ√η_T ε``;
+2. ``z_tch``: the teacher's deterministic T-step sampling from ``z_T`` (no gradients);
+   ``z_stu``: the student's one step from the same ``z_T``;
+3. ``L = L_distill + λ1 L_HFP + λ2 L_SD + λ3 L_adv`` with
+   ``L_distill = MSE(z_tch, z_stu)``, ``L_HFP`` = MSE of the LH/HL/HH wavelet bands of ``z_stu`` and
+   the ground-truth latent ``z0``, ``L_SD = 1 − cos(CLIP(D(z_stu)), CLIP(HR))`` (gradients through the
+   frozen decoder by straight-through quantisation), ``L_adv = −E[D(z_stu)]`` of a latent PatchGAN;
+4. the discriminator steps in the same iteration with the hinge loss on ``z0`` vs detached ``z_stu``.
+
+Every term can be switched off (``losses.<term>.enabled``) for the paper's ablations. The registry
+entry (kind ``student``, ``inference_steps`` 1) holds the EMA student and the teacher's autoencoder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from model.checkpoint import load_into
+from model.config import ModelConfig
+from model.registry import Registry, RegistryEntry
+from model.sampler import sample
+from model.schedule import ResShiftSchedule
+from model.unet import SwinUNet
+
+from . import engine as engine_lib
+from .adversary import Adversary, DiscriminatorSetup
+from .config_files import ConfigError, to_plain
+from .data import DataConfig
+from .degradations import DegradationConfig, Degrader
+from .engine import Engine, Losses, LossTerm, OptimConfig, RunConfig
+from .latents import LatentSpace, make_pair
+from .losses import ClipConfig, ClipSemanticLoss, ClipWeightsMissing, distill_loss, hfp_loss
+from .teacher_trainer import check_sizes
+
+KIND = "student"
+
+
+@dataclass(frozen=True)
+class DistillLosses:
+    """The four terms of Algorithm 1 and their weights (paper: λ1, λ2, λ3 = 0.1, 1, 0.1)."""
+
+    distill: LossTerm = field(default_factory=LossTerm)
+    hfp: LossTerm = field(default_factory=lambda: LossTerm(weight=0.1))
+    semantic: LossTerm = field(default_factory=lambda: LossTerm(weight=1.0))
+    adversarial: LossTerm = field(default_factory=lambda: LossTerm(weight=0.1))
+
+    def enabled(self) -> dict[str, float]:
+        """Weight of each switched-on term."""
+        terms = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {name: term.weight for name, term in terms.items() if term.enabled}
+
+
+@dataclass(frozen=True)
+class DistillTrainConfig:
+    """Everything a distillation run needs (``training/configs/distill-*.yaml``); defaults: the paper's."""
+
+    name: str = "vpdsr"
+    teacher: str | None = None
+    """Registry reference of the teacher (``--teacher REF``)."""
+    losses: DistillLosses = field(default_factory=DistillLosses)
+    clip: ClipConfig = field(default_factory=ClipConfig)
+    discriminator: DiscriminatorSetup = field(default_factory=DiscriminatorSetup)
+    degradation: DegradationConfig = field(default_factory=DegradationConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    run: RunConfig = field(default_factory=lambda: RunConfig(steps=30_000))
+
+    def __post_init__(self) -> None:
+        if not self.losses.enabled():
+            raise ValueError("every loss term is switched off: enable at least one of losses.*")
+
+
+class DistillTrainer:
+    def __init__(self, cfg: DistillTrainConfig, engine: Engine, registry: Registry, alias: str | None) -> None:
+        self.cfg, self.engine, self.registry, self.alias = cfg, engine, registry, alias
+        if cfg.teacher is None:
+            raise ConfigError("no teacher: pass --teacher REF (a registry entry of kind 'teacher')")
+        self.teacher_entry = registry.resolve(cfg.teacher)
+        self.model_config = self.teacher_entry.config()
+        mc = self.model_config
+        if mc.kind == "autoencoder":
+            raise ConfigError(f"{self.teacher_entry.ref} is an autoencoder; the teacher must be a diffusion model")
+        if cfg.degradation.scale != mc.diffusion.sf:
+            raise ConfigError(f"degradation.scale {cfg.degradation.scale} differs from the teacher's sf {mc.diffusion.sf}")
+        unet_state, ae_state = self.teacher_entry.state_dicts()
+        device = engine.device
+
+        self.teacher = SwinUNet.from_config(mc.unet)
+        load_into(self.teacher, unet_state, "teacher UNet")
+        self.teacher = self.teacher.to(device).eval().requires_grad_(False)
+        check_sizes(cfg.data.crop_size, mc.diffusion.sf, mc.autoencoder.ddconfig.downsample_factor, self.teacher, mc.unet)
+        self.latents = LatentSpace.build(mc.autoencoder, ae_state, mc.diffusion.scale_factor, mc.diffusion.sf, device)
+        self.schedule = ResShiftSchedule(mc.diffusion)
+        self.degrader = Degrader(cfg.degradation)
+        student = SwinUNet.from_config(mc.unet)
+        load_into(student, unet_state, "teacher UNet")
+        self.student = engine.add_part(KIND, student, cfg.optim, ema=True)
+
+        weights = cfg.losses.enabled()
+        self.clip: ClipSemanticLoss | None = None
+        if "semantic" in weights:
+            try:
+                self.clip = ClipSemanticLoss(cfg.clip).to(device)
+            except ClipWeightsMissing as exc:
+                raise ConfigError(
+                    f"the semantic loss (L_SD) needs CLIP weights: pass --clip-weights FILE (clip.pretrained_path) "
+                    f"or switch it off with --set losses.semantic.enabled=false. {exc}"
+                ) from None
+        self.adversary = (
+            Adversary(engine, cfg.discriminator, in_channels=mc.autoencoder.embed_dim) if "adversarial" in weights else None
+        )
+
+    def losses(self, hr: Tensor, step: int) -> Losses:
+        cfg = self.cfg
+        pair = make_pair(hr, self.degrader, self.engine.generator, self.latents)
+        noise = torch.randn_like(pair.z_y)
+        with torch.no_grad():
+            z_tch = sample(self.teacher, self.schedule, pair.z_y, pair.lq, noise, self.schedule.num_steps).float()
+        z_stu = sample(self.student.net, self.schedule, pair.z_y, pair.lq, noise, 1).float()
+
+        terms: dict[str, Tensor] = {}
+        if cfg.losses.distill.enabled:
+            terms["distill"] = distill_loss(z_tch, z_stu)
+        if cfg.losses.hfp.enabled:
+            # Outside autocast: pytorch_wavelets' autograd function fails in backward on half-precision grads.
+            with torch.autocast(hr.device.type, enabled=False):
+                terms["hfp"] = hfp_loss(z_stu, pair.z0)
+        if self.clip is not None:
+            terms["semantic"] = self.clip(self.latents.decode(z_stu), pair.hr)
+        adversarial = self.adversary is not None and self.adversary.active(step)
+        if adversarial:
+            terms["adversarial"] = self.adversary.generator_loss(z_stu)  # type: ignore[union-attr]
+        weights = cfg.losses.enabled()
+        total = sum(weights[name] * value for name, value in terms.items())
+        log = {f"loss/{name}": value for name, value in terms.items()} | {"loss/total": total}
+        minimise = {KIND: total}
+        if adversarial:
+            minimise["discriminator"] = log["loss/discriminator"] = self.adversary.discriminator_loss(pair.z0, z_stu)  # type: ignore[union-attr]
+        return Losses(minimise, log)  # type: ignore[arg-type]
+
+    def publish(self) -> RegistryEntry:
+        cfg = self.cfg
+        clip = cfg.clip
+        provenance = {
+            "source": "vpdsr train distill",
+            "teacher": self.teacher_entry.ref,
+            "losses": cfg.losses.enabled(),
+            "clip": {"model_name": clip.model_name, "weights": Path(clip.pretrained_path).name if clip.pretrained_path else None}
+            if self.clip is not None
+            else None,
+            "discriminator": to_plain(cfg.discriminator) if self.adversary is not None else None,
+        }
+        config = ModelConfig(
+            unet=self.model_config.unet,
+            autoencoder=self.model_config.autoencoder,
+            diffusion=self.model_config.diffusion,
+            inference_steps=1,
+            kind=KIND,
+            provenance=provenance | self.engine.provenance(cfg.data),
+        )
+        version = self.registry.next_version(cfg.name)
+        aliases = (self.alias,) if self.alias else ()
+        return self.registry.save(
+            cfg.name, version, config, self.engine.weights(KIND), self.latents.autoencoder.state_dict(), aliases=aliases
+        )
+
+
+def train(
+    cfg: DistillTrainConfig, registry: Registry, resume: str | Path | None = None, alias: str | None = None
+) -> RegistryEntry | None:
+    """Distil, then write ``<name>:<next version>`` into ``registry`` (rank 0); returns that entry."""
+    return engine_lib.train(cfg, lambda engine: DistillTrainer(cfg, engine, registry, alias), resume)

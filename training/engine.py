@@ -1,0 +1,424 @@
+"""The one training loop shared by the autoencoder, teacher and distillation trainers.
+
+A trainer builds its networks, hands the trainable ones to :meth:`Engine.add_part` (each *part*
+gets its own AdamW, optional EMA copy and, under ``torchrun``, a DDP wrapper) and implements
+:class:`Objective`: one micro-batch of HR crops in, one loss per part out. The engine does the rest,
+nanoGPT-style, in :meth:`Engine.fit`:
+
+    for step in range(start, steps):
+        set every part's learning rate (warm-up, then constant or cosine)
+        for each of grad_accum micro-batches:          # DDP gradient sync on the last one only
+            losses = objective.losses(next HR batch)   # under bf16/fp16 autocast on GPUs
+            backward every part's loss / grad_accum    # through the fp16 grad scaler if enabled
+        clip, step and zero each optimiser; update the EMA copies
+        log (tqdm + JSONL), checkpoint
+
+A generator and its discriminator are two parts that take a step in the same iteration (the
+discriminator's loss uses detached fakes); :func:`frozen` keeps the discriminator's weights out
+of the generator's backward pass.
+
+Randomness: every rank seeds torch/NumPy/Python from ``seed + rank`` and owns :attr:`Engine.generator`
+(CPU) for the data side (degradations). Checkpoints store all of it for every rank, so a resumed run
+reproduces the uninterrupted one bit for bit on the same hardware.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import platform
+import random
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol, TextIO
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from model.errors import CheckpointError
+from model.provenance import git_commit
+from model.registry import RegistryEntry
+
+from . import checkpoints
+from .config_files import to_plain
+from .data import DataConfig
+from .distributed import Distributed
+from .ema import EMA
+from .stream import hr_batches
+
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW and its learning-rate schedule: linear warm-up, then constant or cosine to ``min_lr``."""
+
+    lr: float = 5e-5
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    schedule: Literal["constant", "cosine"] = "constant"
+    min_lr: float = 0.0
+    grad_clip: float | None = None
+    """Clip the gradient norm of the part to this value (``None``: no clipping)."""
+
+    def lr_at(self, step: int, total_steps: int) -> float:
+        """Learning rate of (0-based) optimiser step ``step``: a pure function, so resuming needs no state."""
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        if self.schedule == "constant":
+            return self.lr
+        progress = min(1.0, (step - self.warmup_steps) / max(1, total_steps - self.warmup_steps))
+        return self.min_lr + 0.5 * (self.lr - self.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """How long and how a run trains, where it writes, and how it is seeded.
+
+    The effective batch is ``data.batch_size × grad_accum × number of processes``.
+    """
+
+    steps: int = 1000
+    grad_accum: int = 1
+    seed: int = 0
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """``auto``: bf16 autocast on CUDA, fp32 elsewhere. fp16 adds a dynamic grad scaler."""
+    ema_decay: float | None = 0.999
+    """Decay of the published EMA weights; ``None`` publishes the raw weights (no EMA copy)."""
+    log_every: int = 10
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 2
+    device: str = "auto"
+    out_dir: Path = Path("runs/train")
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "grad_accum", "log_every", "checkpoint_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+
+
+@dataclass
+class Part:
+    """One trained network: the module itself (weights, EMA), what to call (DDP wrapper), its optimiser."""
+
+    name: str
+    module: nn.Module
+    net: nn.Module
+    optimizer: torch.optim.Optimizer
+    optim: OptimConfig
+    ema: EMA | None
+
+
+@dataclass(frozen=True)
+class LossTerm:
+    """One switchable, weighted term of an objective (switching terms off gives the paper's ablations)."""
+
+    enabled: bool = True
+    weight: float = 1.0
+
+
+@dataclass
+class Losses:
+    """What one micro-batch produced: a loss to minimise per part, and detached terms to log."""
+
+    minimise: dict[str, Tensor]
+    log: dict[str, Tensor] = field(default_factory=dict)
+
+
+class Objective(Protocol):
+    def losses(self, hr: Tensor, step: int) -> Losses:
+        """``hr``: ``(B, 3, crop, crop)`` in [0, 1] on the training device; ``step``: optimiser step."""
+        ...
+
+
+class Trainer(Objective, Protocol):
+    def publish(self) -> RegistryEntry:
+        """Write the trained model to the registry (called on rank 0 after the last step)."""
+        ...
+
+
+class TrainConfig(Protocol):
+    @property
+    def run(self) -> RunConfig: ...
+
+    @property
+    def data(self) -> DataConfig: ...
+
+
+@contextlib.contextmanager
+def frozen(module: nn.Module) -> Iterator[nn.Module]:
+    """Use ``module`` without accumulating gradients into its weights (gradients still reach its input)."""
+    flags = [p.requires_grad for p in module.parameters()]
+    module.requires_grad_(False)
+    try:
+        yield module
+    finally:
+        for p, flag in zip(module.parameters(), flags):
+            p.requires_grad_(flag)
+
+
+def _derived_seed(*parts: int) -> int:
+    return int(np.random.SeedSequence(list(parts)).generate_state(1, np.uint64)[0]) & (2**63 - 1)
+
+
+class Engine:
+    """Device, processes, seeds, precision, parts, the loop, logs and checkpoints of one training run."""
+
+    def __init__(self, run: RunConfig, config: Any) -> None:
+        self.run = run
+        self.config = to_plain(config)
+        self.dist = Distributed.setup(run.device)
+        self.device = self.dist.device
+        self.out_dir = run.out_dir
+        self.seed_rank(_derived_seed(run.seed, self.dist.rank))
+        if run.precision == "auto":
+            self.amp_dtype = torch.bfloat16 if self.device.type == "cuda" else None
+        else:
+            self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[run.precision]
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self.parts: dict[str, Part] = {}
+        self.step = 0
+        self.elapsed = 0.0
+
+    def seed_rank(self, seed: int) -> None:
+        """Seed this rank's torch (CPU and CUDA), NumPy and Python RNGs and its data-side generator."""
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+        self.generator = torch.Generator().manual_seed(_derived_seed(seed, 1))
+
+    @property
+    def is_main(self) -> bool:
+        return self.dist.is_main
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def add_part(self, name: str, module: nn.Module, optim: OptimConfig, ema: bool = False) -> Part:
+        """Register a network to train; call before :meth:`resume` and :meth:`fit`."""
+        module = module.to(self.device).train()
+        net: nn.Module = module
+        if self.dist.enabled:
+            net = DistributedDataParallel(module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        optimizer = torch.optim.AdamW(
+            module.parameters(), lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay,
+            fused=self.device.type == "cuda",
+        )
+        # Only rank 0 publishes weights, so only rank 0 pays for the EMA copy.
+        use_ema = ema and self.is_main and self.run.ema_decay is not None
+        shadow = EMA(module, self.run.ema_decay) if use_ema else None  # type: ignore[arg-type]
+        self.parts[name] = Part(name, module, net, optimizer, optim, shadow)
+        return self.parts[name]
+
+    def weights(self, name: str) -> dict[str, Tensor]:
+        """The weights to publish for a part: its EMA copy if it has one."""
+        part = self.parts[name]
+        return (part.ema.module if part.ema is not None else part.module).state_dict()
+
+    def provenance(self, data: DataConfig) -> dict[str, Any]:
+        """What every trained registry entry records about its training run."""
+        device = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else platform.processor() or "cpu"
+        return {
+            "data": [str(source) for source in data.sources],
+            "steps": self.step,
+            "samples_seen": self.step * data.batch_size * self.run.grad_accum * self.dist.world_size,
+            "git_commit": git_commit(),
+            "wall_time_s": round(self.elapsed, 1),
+            "hardware": {
+                "device": device,
+                "processes": self.dist.world_size,
+                "precision": "fp32" if self.amp_dtype is None else str(self.amp_dtype).removeprefix("torch."),
+            },
+            "training_config": self.config,
+        }
+
+    # -- the loop --------------------------------------------------------------------------------
+    def fit(self, objective: Objective, data: DataConfig) -> None:
+        """Train from :attr:`step` to ``run.steps``, logging and checkpointing on the way."""
+        run = self.run
+        batches = hr_batches(
+            data, self.device, rank=self.dist.rank, world_size=self.dist.world_size,
+            start_batch=self.step * run.grad_accum,
+        )
+        samples_per_step = data.batch_size * run.grad_accum * self.dist.world_size
+        log = self._open_metrics() if self.is_main else None
+        bar = tqdm(total=run.steps, initial=self.step, disable=not self.is_main, dynamic_ncols=True, unit="step")
+        window: dict[str, Tensor] = {}
+        window_steps, window_time, tick = 0, 0.0, time.perf_counter()
+        try:
+            while self.step < run.steps:
+                lrs = self._set_learning_rates()
+                terms, stepping = self._accumulate(objective, batches)
+                terms |= self._optimise(stepping)
+                for key, value in terms.items():
+                    window[key] = window.get(key, 0.0) + value
+                self.step += 1
+                bar.update(1)
+                now = time.perf_counter()
+                self.elapsed += now - tick
+                window_steps, window_time, tick = window_steps + 1, window_time + now - tick, now
+                if self.step % run.log_every == 0 or self.step == run.steps:
+                    row = self.dist.mean({k: float(v) / window_steps for k, v in window.items()})
+                    row |= {f"lr/{name}": lr for name, lr in lrs.items()}
+                    row["samples_per_s"] = samples_per_step * window_steps / window_time
+                    if log is not None:
+                        log.write(json.dumps({"step": self.step, "elapsed_s": round(self.elapsed, 3)} | row) + "\n")
+                        log.flush()
+                        bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k.startswith("loss")}, refresh=False)
+                    window, window_steps, window_time = {}, 0, 0.0
+                if self.step % run.checkpoint_every == 0 or self.step == run.steps:
+                    self.save_checkpoint()
+        finally:
+            bar.close()
+            if log is not None:
+                log.close()
+
+    def _set_learning_rates(self) -> dict[str, float]:
+        lrs = {}
+        for name, part in self.parts.items():
+            lrs[name] = part.optim.lr_at(self.step, self.run.steps)
+            for group in part.optimizer.param_groups:
+                group["lr"] = lrs[name]
+        return lrs
+
+    def _accumulate(self, objective: Objective, batches: Iterator[Tensor]) -> tuple[dict[str, Tensor], list[str]]:
+        """Forward and backward ``grad_accum`` micro-batches: the mean of their logged terms, and the
+        parts that got a loss."""
+        accum = self.run.grad_accum
+        totals: dict[str, Tensor] = {}
+        stepping: list[str] = []
+        for micro in range(accum):
+            hr = next(batches)
+            with self._gradient_sync(micro == accum - 1):
+                with self.autocast():
+                    out = objective.losses(hr, self.step)
+                for name, loss in out.minimise.items():
+                    self.scaler.scale(loss.float() / accum).backward()
+                    if name not in stepping:
+                        stepping.append(name)
+            for key, value in out.log.items():
+                totals[key] = totals.get(key, 0.0) + value.detach().float() / accum
+        return totals, stepping
+
+    def _gradient_sync(self, sync: bool) -> contextlib.AbstractContextManager[Any]:
+        """Under DDP, all-reduce gradients only on the last micro-batch of a step."""
+        stack = contextlib.ExitStack()
+        if not sync:
+            for part in self.parts.values():
+                if isinstance(part.net, DistributedDataParallel):
+                    stack.enter_context(part.net.no_sync())
+        return stack
+
+    def _optimise(self, stepping: list[str]) -> dict[str, Tensor]:
+        """Step the optimisers of the parts that got a loss (a step without gradients must be skipped
+        with a grad scaler), then the EMA copies; returns the gradient norms when clipping."""
+        norms = {}
+        for name in [n for n in self.parts if n in stepping]:
+            part = self.parts[name]
+            if part.optim.grad_clip is not None:
+                self.scaler.unscale_(part.optimizer)
+                norms[f"grad_norm/{name}"] = torch.nn.utils.clip_grad_norm_(part.module.parameters(), part.optim.grad_clip)
+            self.scaler.step(part.optimizer)
+            part.optimizer.zero_grad(set_to_none=True)
+            if part.ema is not None:
+                part.ema.update(part.module)
+        self.scaler.update()
+        return norms
+
+    # -- logs and checkpoints --------------------------------------------------------------------
+    def _open_metrics(self) -> TextIO:
+        """Open ``metrics.jsonl`` for appending, first dropping rows past the step we resume from
+        (written by a run that went on after its last checkpoint, the last one perhaps cut short by
+        the crash), so that the log reads as one run."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        path = self.out_dir / METRICS_FILE
+        if path.exists():
+            kept = []
+            for line in path.read_text().splitlines():
+                try:
+                    if json.loads(line)["step"] <= self.step:
+                        kept.append(line + "\n")
+                except (ValueError, KeyError, TypeError):
+                    continue
+            path.write_text("".join(kept))
+        return path.open("a")
+
+    def save_checkpoint(self) -> None:
+        """Write ``out_dir/checkpoints/step-N.pt`` (rank 0), with the random state of every rank."""
+        rng = self.dist.gather(checkpoints.capture_rng(self.generator))
+        if self.is_main:
+            state = {
+                "step": self.step,
+                "elapsed_s": self.elapsed,
+                "world_size": self.dist.world_size,
+                "parts": {
+                    name: {
+                        "model": part.module.state_dict(),
+                        "optimizer": part.optimizer.state_dict(),
+                        "ema": part.ema.state_dict() if part.ema is not None else None,
+                    }
+                    for name, part in self.parts.items()
+                },
+                "scaler": self.scaler.state_dict(),
+                "rng": rng,
+                "config": self.config,
+            }
+            checkpoints.save(state, self.out_dir / "checkpoints", self.step, self.run.keep_checkpoints)
+        self.dist.barrier()
+
+    def resume(self, path: str | Path) -> None:
+        """Continue from a checkpoint (a file, or a checkpoint folder for its newest file)."""
+        state = checkpoints.load(path)
+        missing = sorted(set(self.parts) - set(state["parts"]))
+        if missing:
+            raise CheckpointError(f"checkpoint {path} has no state for {missing}")
+        for name, part in self.parts.items():
+            saved = state["parts"][name]
+            part.module.load_state_dict(saved["model"])
+            part.optimizer.load_state_dict(saved["optimizer"])
+            if part.ema is not None:
+                part.ema.load_state_dict(saved["ema"] if saved["ema"] is not None else saved["model"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step, self.elapsed = int(state["step"]), float(state["elapsed_s"])
+        rng = state["rng"]
+        if len(rng) == self.dist.world_size:
+            checkpoints.restore_rng(rng[self.dist.rank], self.generator)
+        else:
+            warnings.warn(
+                f"checkpoint was written by {len(rng)} process(es), this run has {self.dist.world_size}: "
+                "training continues, but not bit-exactly like the original run",
+                stacklevel=2,
+            )
+            self.seed_rank(_derived_seed(self.run.seed, self.dist.rank, self.step))
+
+    def close(self) -> None:
+        self.dist.close()
+
+
+def train(config: TrainConfig, build: Callable[[Engine], Trainer], resume: str | Path | None = None) -> RegistryEntry | None:
+    """The life of a run: set up, build the trainer's networks, resume, fit, publish (rank 0), tear down.
+
+    Returns the registry entry on rank 0, ``None`` on the other ranks.
+    """
+    engine = Engine(config.run, config)
+    try:
+        trainer = build(engine)
+        if resume is not None:
+            engine.resume(resume)
+        engine.fit(trainer, config.data)
+        return trainer.publish() if engine.is_main else None
+    finally:
+        engine.close()
