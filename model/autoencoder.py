@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import AutoencoderConfig, DDConfig, from_dict
+from model.norm import GroupNorm32
 
 __all__ = ["VQAutoencoder", "VectorQuantizer"]
 
@@ -41,19 +42,8 @@ _SEARCH_CHUNK_ELEMENTS = 1 << 24
 _ATTENTION_CHUNK_ELEMENTS = 1 << 26
 
 
-class GroupNorm32(nn.GroupNorm):
-    """GroupNorm with 32 groups whose statistics are always computed in float32.
-
-    Half-precision variance over large groups loses too many digits; casting in and out keeps
-    the reference maths under autocast or a bf16/fp16 model.
-    """
-
-    def __init__(self, channels: int) -> None:
-        super().__init__(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps)
-        return out.to(x.dtype)
+def _norm(channels: int, cfg: DDConfig) -> GroupNorm32:
+    return GroupNorm32(channels, eps=1e-6, groups=cfg.norm_groups)
 
 
 def _conv3x3(in_ch: int, out_ch: int, padding_mode: str) -> nn.Conv2d:
@@ -63,13 +53,13 @@ def _conv3x3(in_ch: int, out_ch: int, padding_mode: str) -> nn.Conv2d:
 class ResnetBlock(nn.Module):
     """Pre-activation residual block (norm, swish, conv) x 2, with a 1x1 shortcut on width change."""
 
-    def __init__(self, in_ch: int, out_ch: int, dropout: float, padding_mode: str) -> None:
+    def __init__(self, in_ch: int, out_ch: int, cfg: DDConfig) -> None:
         super().__init__()
-        self.norm1 = GroupNorm32(in_ch)
-        self.conv1 = _conv3x3(in_ch, out_ch, padding_mode)
-        self.norm2 = GroupNorm32(out_ch)
-        self.dropout = nn.Dropout(dropout)
-        self.conv2 = _conv3x3(out_ch, out_ch, padding_mode)
+        self.norm1 = _norm(in_ch, cfg)
+        self.conv1 = _conv3x3(in_ch, out_ch, cfg.padding_mode)
+        self.norm2 = _norm(out_ch, cfg)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.conv2 = _conv3x3(out_ch, out_ch, cfg.padding_mode)
         self.nin_shortcut = nn.Conv2d(in_ch, out_ch, kernel_size=1) if in_ch != out_ch else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -82,9 +72,9 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over all pixels, with 1x1-conv projections and a residual."""
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, cfg: DDConfig) -> None:
         super().__init__()
-        self.norm = GroupNorm32(channels)
+        self.norm = _norm(channels, cfg)
         self.q = nn.Conv2d(channels, channels, kernel_size=1)
         self.k = nn.Conv2d(channels, channels, kernel_size=1)
         self.v = nn.Conv2d(channels, channels, kernel_size=1)
@@ -136,14 +126,10 @@ class Upsample(nn.Module):
 class Level(nn.Module):
     """One resolution level: residual blocks, each followed by attention when the level has it."""
 
-    def __init__(
-        self, in_ch: int, out_ch: int, num_blocks: int, with_attention: bool, dropout: float, padding_mode: str
-    ) -> None:
+    def __init__(self, in_ch: int, out_ch: int, num_blocks: int, with_attention: bool, cfg: DDConfig) -> None:
         super().__init__()
-        self.block = nn.ModuleList(
-            ResnetBlock(in_ch if i == 0 else out_ch, out_ch, dropout, padding_mode) for i in range(num_blocks)
-        )
-        self.attn = nn.ModuleList(AttnBlock(out_ch) for _ in range(num_blocks if with_attention else 0))
+        self.block = nn.ModuleList(ResnetBlock(in_ch if i == 0 else out_ch, out_ch, cfg) for i in range(num_blocks))
+        self.attn = nn.ModuleList(AttnBlock(out_ch, cfg) for _ in range(num_blocks if with_attention else 0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for i, block in enumerate(self.block):
@@ -162,11 +148,10 @@ class DownLevel(Level):
         out_ch: int,
         num_blocks: int,
         with_attention: bool,
-        dropout: float,
-        padding_mode: str,
+        cfg: DDConfig,
         downsample: bool,
     ) -> None:
-        super().__init__(in_ch, out_ch, num_blocks, with_attention, dropout, padding_mode)
+        super().__init__(in_ch, out_ch, num_blocks, with_attention, cfg)
         self.downsample = Downsample(out_ch) if downsample else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -183,12 +168,11 @@ class UpLevel(Level):
         out_ch: int,
         num_blocks: int,
         with_attention: bool,
-        dropout: float,
-        padding_mode: str,
+        cfg: DDConfig,
         upsample: bool,
     ) -> None:
-        super().__init__(in_ch, out_ch, num_blocks, with_attention, dropout, padding_mode)
-        self.upsample = Upsample(out_ch, padding_mode) if upsample else None
+        super().__init__(in_ch, out_ch, num_blocks, with_attention, cfg)
+        self.upsample = Upsample(out_ch, cfg.padding_mode) if upsample else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = super().forward(x)
@@ -198,11 +182,11 @@ class UpLevel(Level):
 class MidBlock(nn.Module):
     """Residual block, global attention, residual block at the lowest resolution."""
 
-    def __init__(self, channels: int, dropout: float, padding_mode: str) -> None:
+    def __init__(self, channels: int, cfg: DDConfig) -> None:
         super().__init__()
-        self.block_1 = ResnetBlock(channels, channels, dropout, padding_mode)
-        self.attn_1 = AttnBlock(channels)
-        self.block_2 = ResnetBlock(channels, channels, dropout, padding_mode)
+        self.block_1 = ResnetBlock(channels, channels, cfg)
+        self.attn_1 = AttnBlock(channels, cfg)
+        self.block_2 = ResnetBlock(channels, channels, cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.block_2(self.attn_1(self.block_1(x)))
@@ -236,14 +220,13 @@ class Encoder(nn.Module):
                     out_ch,
                     blocks[i],
                     with_attention=res in cfg.attn_resolutions,
-                    dropout=cfg.dropout,
-                    padding_mode=cfg.padding_mode,
+                    cfg=cfg,
                     downsample=i != last,
                 )
             )
             in_ch, res = out_ch, res // 2
-        self.mid = MidBlock(in_ch, cfg.dropout, cfg.padding_mode)
-        self.norm_out = GroupNorm32(in_ch)
+        self.mid = MidBlock(in_ch, cfg)
+        self.norm_out = _norm(in_ch, cfg)
         self.conv_out = _conv3x3(in_ch, cfg.z_channels, cfg.padding_mode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -269,7 +252,7 @@ class Decoder(nn.Module):
         in_ch = widths[-1]
         res = cfg.resolution // 2**last
         self.conv_in = _conv3x3(cfg.z_channels, in_ch, cfg.padding_mode)
-        self.mid = MidBlock(in_ch, cfg.dropout, cfg.padding_mode)
+        self.mid = MidBlock(in_ch, cfg)
         levels: list[UpLevel] = []
         for i in reversed(range(len(widths))):
             levels.append(
@@ -278,14 +261,13 @@ class Decoder(nn.Module):
                     widths[i],
                     blocks[i] + 1,
                     with_attention=res in cfg.attn_resolutions,
-                    dropout=cfg.dropout,
-                    padding_mode=cfg.padding_mode,
+                    cfg=cfg,
                     upsample=i != 0,
                 )
             )
             in_ch, res = widths[i], res * 2
         self.up = nn.ModuleList(reversed(levels))
-        self.norm_out = GroupNorm32(in_ch)
+        self.norm_out = _norm(in_ch, cfg)
         self.conv_out = _conv3x3(in_ch, cfg.out_ch, cfg.padding_mode)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:

@@ -60,6 +60,9 @@ class DDConfig:
     attn_resolutions: tuple[int, ...] = ()
     dropout: float = 0.0
     padding_mode: str = "zeros"
+    norm_groups: int = 32
+    """Not a ResShift option (always 32 there). Small demo widths use fewer groups: with one
+    channel per group the decoder's last norm erases each channel's mean, i.e. the image colour."""
 
     @property
     def downsample_factor(self) -> int:

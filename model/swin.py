@@ -14,25 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .norm import GroupNorm32
+
 #: Additive logit ResShift puts on token pairs that must not attend to each other (not ``-inf``:
 #: the checkpoints' stored masks hold exactly this value, and it keeps fully masked rows finite).
 MASK_VALUE = -100.0
-
-
-class GroupNorm32(nn.GroupNorm):
-    """Group normalisation over 32 groups, always computed in float32.
-
-    Under bf16/fp16 autocast (or a half-precision model) the statistics of large activations
-    overflow or lose precision in half precision, so the input is promoted and the result cast
-    back to the input's dtype — as in ResShift's ``GroupNorm32``.
-    """
-
-    def __init__(self, channels: int, eps: float = 1e-5) -> None:
-        super().__init__(32, channels, eps=eps)
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps)
-        return out.to(x.dtype)
 
 
 def relative_position_index(window: int) -> Tensor:

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import UNetConfig
-from .swin import GroupNorm32, SwinLayer
+from .norm import GroupNorm32
+from .swin import SwinLayer
 
 
 def timestep_embedding(timesteps: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 import model.autoencoder as autoencoder
-from model.autoencoder import AttnBlock, GroupNorm32, VQAutoencoder
+from model.autoencoder import AttnBlock, VQAutoencoder
+from model.norm import GroupNorm32
 from model.config import AutoencoderConfig, from_dict
 
 FIXTURES = Path(__file__).parent / "fixtures"

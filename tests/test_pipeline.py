@@ -91,21 +91,23 @@ def smooth_image(width: int, height: int) -> Image.Image:
 
 
 def test_tiled_run_is_seamless_and_matches_untiled(pipe: SRPipeline) -> None:
-    """A 1000×700 smooth image with 32-pixel tiles: no step at tile borders, close to one big tile."""
-    image = smooth_image(1000, 700)
-    tiled = np.asarray(pipe(image, seed=3, tile=32), dtype=np.float32)
-    assert tiled.shape == (2800, 4000, 3)
-    # Seams show up as column/row jumps at tile borders well above the image's own gradient.
-    plan = pipe.plan(image, seed=3, tile=32)
-    borders = sorted({(x + t) * 4 for _, x in plan.grid.boxes for t in (0, plan.tile_size)} - {0, 4000})
-    col_jump = np.abs(np.diff(tiled, axis=1)).mean(axis=(0, 2))
-    at_borders = col_jump[[b - 1 for b in borders if b < 4000]]
-    assert at_borders.max() < 3 * np.median(col_jump) + 1.0
+    """Tiles of 32 LR pixels on a 160×96 image: no step at tile borders, close to one big tile.
 
-    crop = image.crop((0, 0, 256, 160))
-    untiled = np.asarray(pipe(crop, seed=3, tile=256), dtype=np.float32)
-    small_tiles = np.asarray(pipe(crop, seed=3, tile=32), dtype=np.float32)
-    psnr = 10 * np.log10(255**2 / np.mean((untiled - small_tiles) ** 2))
+    A seam is a jump between neighbouring output columns at a tile border that the untiled result
+    does not have; the tiled image's jumps there must stay at the level of the untiled ones.
+    """
+    image = smooth_image(160, 96)
+    tiled = np.asarray(pipe(image, seed=3, tile=32), dtype=np.float32)
+    whole = np.asarray(pipe(image, seed=3, tile=160), dtype=np.float32)
+    assert tiled.shape == whole.shape == (384, 640, 3)
+    plan = pipe.plan(image, seed=3, tile=32)
+    assert len(plan.tiles) >= 20
+    borders = sorted({(x + t) * 4 for _, x in plan.grid.boxes for t in (0, plan.tile_size)} - {0, 640})
+    columns = [b - 1 for b in borders]
+    tiled_jump = np.abs(np.diff(tiled, axis=1)).mean(axis=(0, 2))[columns]
+    whole_jump = np.abs(np.diff(whole, axis=1)).mean(axis=(0, 2))[columns]
+    assert tiled_jump.max() < whole_jump.max() + 2.0, (tiled_jump.max(), whole_jump.max())
+    psnr = 10 * np.log10(255**2 / np.mean((tiled - whole) ** 2))
     assert psnr > 30, psnr
 
 

@@ -11,10 +11,12 @@ from service.testing import live_server
 from tests.conftest import free_port
 
 
-def test_openapi_fuzzing_finds_no_server_errors(tiny_registry: Path, tmp_path: Path) -> None:
+def test_openapi_fuzzing_finds_no_server_errors(tiny_registry: Path, tmp_path: Path, redis_server) -> None:
+    # With Redis, so /v1/jobs* are exercised too (without it they answer 503 jobs_disabled by design).
     settings = Settings(
         registry=tiny_registry, model="tiny@production", device="cpu", port=free_port(),
         max_batch_size=1, max_delay_ms=0, max_pixels=64 * 64, max_body_bytes=64 * 1024,
+        redis_url=redis_server.url,
     )
     with live_server(settings, torch_threads=1) as url:
         run = subprocess.run(

@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from model.config import UNetConfig
-from model.swin import GroupNorm32
+from model.norm import GroupNorm32
 from model.unet import SwinUNet
 
 FIXTURES = Path(__file__).parent / "fixtures"

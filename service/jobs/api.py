@@ -8,6 +8,9 @@ runs it through the same Engine at background priority and stores the encoded re
 
 from __future__ import annotations
 
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
 
@@ -26,6 +29,8 @@ from ..settings import Settings
 from .consumer import REDIS_DOWN
 from .queue import JobQueue, JobRecord, QueueFull, fingerprint
 from .runtime import JobSystem
+
+log = logging.getLogger("vpdsr.jobs")
 
 MAX_IDEMPOTENCY_KEY = 255
 RETRY_AFTER_S = 5
@@ -146,19 +151,14 @@ def _unavailable(exc: BaseException) -> JobsUnavailable:
     )
 
 
-class _RedisGuard:
-    """``async with redis_guard():`` turns Redis outages into 503 ``jobs_unavailable``."""
-
-    async def __aenter__(self) -> None:
-        return None
-
-    async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
-        if exc is not None and isinstance(exc, REDIS_DOWN):
-            raise _unavailable(exc) from None
-        return False
-
-
-redis_guard = _RedisGuard
+@asynccontextmanager
+async def redis_guard() -> AsyncIterator[None]:
+    """Turns a Redis outage inside the block into 503 ``jobs_unavailable``."""
+    try:
+        yield
+    except REDIS_DOWN as exc:
+        log.warning("job queue unavailable: %r", exc)
+        raise _unavailable(exc) from None
 
 
 router = APIRouter(prefix="/v1", tags=["jobs"], dependencies=[Depends(require_api_key)])
