@@ -17,7 +17,7 @@ from pathlib import Path
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .config import ModelConfig
-from .device import resolve_device, resolve_dtype
+from .device import DTYPES, resolve_device, resolve_dtype
 from .errors import VPDSRError
 from .registry import Registry
 
@@ -90,6 +90,22 @@ def registry_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def registry_copy(args: argparse.Namespace) -> int:
+    """Promote a model from one registry (e.g. a training run's) to another, optionally in half precision."""
+    entry = Registry(args.source).resolve(args.ref)
+    unet, autoencoder = entry.state_dicts()
+    target = Registry(args.registry)
+    version = args.version or target.next_version(entry.name)
+    copied = target.save(
+        entry.name, version, entry.config(), unet, autoencoder,
+        dtype=DTYPES[args.dtype] if args.dtype else None,
+        metrics=entry.metrics() or None,
+        aliases=(args.alias,) if args.alias else (),
+    )
+    print(f"copied {entry.ref} from {Registry(args.source).root} to {copied.ref} in {target.root}")
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     common, device = common_options(), device_options()
 
@@ -116,6 +132,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = reg.add_parser("list", parents=[common], help="list models, versions and aliases")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=registry_list)
+    p = reg.add_parser("copy", parents=[common], help="copy a model from another registry into --registry")
+    p.add_argument("ref", help="model reference in the source registry")
+    p.add_argument("--from", dest="source", type=Path, required=True, help="source registry folder")
+    p.add_argument("--version", default=None, help="version in the target (default: next free number)")
+    p.add_argument("--alias", default=None, help="alias to point at the copy, e.g. production")
+    p.add_argument("--dtype", choices=["float16", "bfloat16"], default=None, help="store weights in half precision")
+    p.set_defaults(handler=registry_copy)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -52,3 +52,18 @@ def test_weights_round_trip_in_half_precision(tmp_path: Path) -> None:
     assert all(t.dtype == torch.float16 for k, t in unet16.items() if unet[k].is_floating_point())
     assert unet16["input_blocks.1.1.blocks.0.attn.relative_position_index"].dtype == torch.int64
     assert half.config() == entry.config()
+
+
+def test_registry_copy_command_promotes_in_half_precision(tmp_path: Path) -> None:
+    import torch
+
+    from model.cli import main
+
+    save_tiny_model(tmp_path / "train", name="student")
+    Registry(tmp_path / "train").write_metrics(Registry(tmp_path / "train").resolve("student"), {"CSet5": {"psnr_y": 1}})
+    assert main(["registry", "copy", "student", "--from", str(tmp_path / "train"), "--registry",
+                 str(tmp_path / "serve"), "--alias", "production", "--dtype", "float16"]) == 0
+    entry = Registry(tmp_path / "serve").resolve("student@production")
+    unet, _ = entry.state_dicts()
+    assert unet["out.2.weight"].dtype == torch.float16
+    assert entry.metrics() == {"CSet5": {"psnr_y": 1}}

@@ -8,7 +8,7 @@ image encoder stay frozen. Per micro-batch:
    ``z_stu``: the student's one step from the same ``z_T``;
 3. ``L = L_distill + λ1 L_HFP + λ2 L_SD + λ3 L_adv`` with
    ``L_distill = MSE(z_tch, z_stu)``, ``L_HFP`` = MSE of the LH/HL/HH wavelet bands of ``z_stu`` and
-   the ground-truth latent ``z0``, ``L_SD = 1 − cos(CLIP(D(z_stu)), CLIP(HR))`` (gradients through the
+   ``z_tch`` (MSE alone under-weights the teacher's fine detail), ``L_SD = 1 − cos(CLIP(D(z_stu)), CLIP(HR))`` (gradients through the
    frozen decoder by straight-through quantisation), ``L_adv = −E[D(z_stu)]`` of a latent PatchGAN;
 4. the discriminator steps in the same iteration with the hinge loss on ``z0`` vs detached ``z_stu``.
 
@@ -134,7 +134,7 @@ class DistillTrainer:
         if cfg.losses.hfp.enabled:
             # Outside autocast: pytorch_wavelets' autograd function fails in backward on half-precision grads.
             with torch.autocast(hr.device.type, enabled=False):
-                terms["hfp"] = hfp_loss(z_stu, pair.z0)
+                terms["hfp"] = hfp_loss(z_stu, z_tch)
         if self.clip is not None:
             terms["semantic"] = self.clip(self.latents.decode(z_stu), pair.hr)
         adversarial = self.adversary is not None and self.adversary.active(step)

@@ -1,7 +1,7 @@
 """The loss terms of VPD-SR's one-step distillation.
 
 The student's latent x̂0 is pulled towards the teacher's (:func:`distill_loss`), its high-frequency
-wavelet bands towards those of the ground-truth latent (:func:`hfp_loss`, L_HFP: MSE alone favours
+wavelet bands towards the teacher's (:func:`hfp_loss`, L_HFP: MSE alone favours
 smooth latents, so the detail bands get their own term), its decoded image towards the GT image in
 CLIP's embedding space (:class:`ClipSemanticLoss`, L_SD: semantic rather than pixel agreement), and a
 latent PatchGAN (:class:`PatchDiscriminator` with hinge losses) sharpens what is left.
