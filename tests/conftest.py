@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 
@@ -49,6 +50,13 @@ def save_tiny_model(root: Path, name: str = "tiny", version: str = "1", seed: in
     cfg = tiny_config(**config_kw)  # type: ignore[arg-type]
     unet, vq = SwinUNet.from_config(cfg.unet), VQAutoencoder.from_config(cfg.autoencoder)
     return Registry(root).save(name, version, cfg, unet.state_dict(), vq.state_dict(), aliases=("production",))
+
+
+@pytest.fixture(scope="module")
+def client(url: str) -> Iterator[httpx.Client]:
+    """An HTTP client for the module's live server (each service test module defines ``url``)."""
+    with httpx.Client(base_url=url, timeout=60) as c:
+        yield c
 
 
 @pytest.fixture(scope="session")

@@ -34,12 +34,6 @@ def url(tiny_registry: Path) -> Iterator[str]:
         yield base
 
 
-@pytest.fixture(scope="module")
-def client(url: str) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=url, timeout=60) as c:
-        yield c
-
-
 # -- building inputs -------------------------------------------------------------------------------
 def encoded(image: Image.Image, fmt: str, **options: object) -> bytes:
     buffer = io.BytesIO()
