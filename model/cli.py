@@ -9,6 +9,7 @@ do not fit) end with a one-line message and exit status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from importlib.metadata import entry_points
@@ -94,10 +95,13 @@ def registry_copy(args: argparse.Namespace) -> int:
     """Promote a model from one registry (e.g. a training run's) to another, optionally in half precision."""
     entry = Registry(args.source).resolve(args.ref)
     unet, autoencoder = entry.state_dicts()
+    config = entry.config()
+    if args.tile_sizes:
+        config = dataclasses.replace(config, tile_sizes=tuple(int(t) for t in args.tile_sizes.split(",")))
     target = Registry(args.registry)
     version = args.version or target.next_version(entry.name)
     copied = target.save(
-        entry.name, version, entry.config(), unet, autoencoder,
+        entry.name, version, config, unet, autoencoder,
         dtype=DTYPES[args.dtype] if args.dtype else None,
         metrics=entry.metrics() or None,
         aliases=(args.alias,) if args.alias else (),
@@ -138,6 +142,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--version", default=None, help="version in the target (default: next free number)")
     p.add_argument("--alias", default=None, help="alias to point at the copy, e.g. production")
     p.add_argument("--dtype", choices=["float16", "bfloat16"], default=None, help="store weights in half precision")
+    p.add_argument("--tile-sizes", default=None, metavar="N,N", help="LR tile buckets to serve with, e.g. 32,64")
     p.set_defaults(handler=registry_copy)
 
 

@@ -105,6 +105,9 @@ class ModelConfig:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     inference_steps: int = 1
     kind: str = "student"
+    tile_sizes: tuple[int, ...] = ()
+    """LR tile sizes (shape buckets) to run; empty = (image_size, 2 × image_size) of the UNet. Small
+    CPU models want small tiles: the VQGAN's mid-block attention is global over a tile's latent."""
     provenance: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:

@@ -144,7 +144,7 @@ class SRPipeline:
         # Latent pixels per LR pixel (1 for x4 SR with an f4 autoencoder).
         self.latent_scale = self.scale // config.autoencoder.ddconfig.downsample_factor
         self.multiple = max(1, self.unet.size_multiple // self.latent_scale)
-        default_tiles = (config.unet.image_size, 2 * config.unet.image_size)
+        default_tiles = config.tile_sizes or (config.unet.image_size, 2 * config.unet.image_size)
         self.tile_sizes = tuple(sorted(self.check_tile(t) for t in (tile_sizes or default_tiles)))
         self.tile_overlap = tile_overlap
         self.max_tile_batch = max_tile_batch

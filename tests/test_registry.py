@@ -62,8 +62,13 @@ def test_registry_copy_command_promotes_in_half_precision(tmp_path: Path) -> Non
     save_tiny_model(tmp_path / "train", name="student")
     Registry(tmp_path / "train").write_metrics(Registry(tmp_path / "train").resolve("student"), {"CSet5": {"psnr_y": 1}})
     assert main(["registry", "copy", "student", "--from", str(tmp_path / "train"), "--registry",
-                 str(tmp_path / "serve"), "--alias", "production", "--dtype", "float16"]) == 0
+                 str(tmp_path / "serve"), "--alias", "production", "--dtype", "float16", "--tile-sizes", "8,16"]) == 0
     entry = Registry(tmp_path / "serve").resolve("student@production")
     unet, _ = entry.state_dicts()
     assert unet["out.2.weight"].dtype == torch.float16
     assert entry.metrics() == {"CSet5": {"psnr_y": 1}}
+    assert entry.config().tile_sizes == (8, 16)
+
+    from model import SRPipeline
+
+    assert SRPipeline.from_registry("student", tmp_path / "serve").tile_sizes == (8, 16)
