@@ -73,6 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def served(args: argparse.Namespace) -> Iterator[str]:
     """``vpdsr serve`` in a subprocess on a free port until the block ends."""
     sys.path.insert(0, str(ROOT))
+    from service.testing import wait_ready
     from tests.conftest import free_port, save_tiny_model
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -96,7 +97,7 @@ def served(args: argparse.Namespace) -> Iterator[str]:
         process = subprocess.Popen(command, env=env)
         url = f"http://127.0.0.1:{port}"
         try:
-            wait_ready(url, process)
+            wait_ready(url, lambda: process.poll() is None, timeout=600)
             yield url
         finally:
             process.send_signal(signal.SIGINT)
@@ -128,20 +129,6 @@ def image_bytes(path: Path, resize: str | None) -> tuple[bytes, str]:
     buffer = io.BytesIO()
     resized.save(buffer, "JPEG", quality=95)  # a photo, as clients send them (and JPEG out)
     return buffer.getvalue(), "image/jpeg"
-
-
-def wait_ready(url: str, process: subprocess.Popen[bytes], timeout: float = 600) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"vpdsr serve exited with status {process.returncode}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit(f"server at {url} not ready after {timeout} s")
 
 
 def scrape(url: str) -> dict[str, float]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import httpx
@@ -39,7 +39,7 @@ def live_server(settings: Settings, *, torch_threads: int | None = None, ready_t
     thread.start()
     url = f"http://{settings.host}:{settings.port}"
     try:
-        _wait_ready(url, thread, ready_timeout)
+        wait_ready(url, thread.is_alive, ready_timeout)
         yield url
     finally:
         server.should_exit = True
@@ -57,11 +57,12 @@ def scrape(url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
     }
 
 
-def _wait_ready(url: str, thread: threading.Thread, timeout: float) -> None:
+def wait_ready(url: str, alive: Callable[[], bool], timeout: float) -> None:
+    """Poll ``/readyz`` until 200; fail early when the server dies (``alive()`` false) or a check failed."""
     deadline = time.monotonic() + timeout
     last = "no answer"
     while time.monotonic() < deadline:
-        if not thread.is_alive():
+        if not alive():
             raise RuntimeError(f"server at {url} exited during start-up")
         try:
             response = httpx.get(f"{url}/readyz", timeout=2)

@@ -6,6 +6,7 @@ port per test session from Debian's ``redis-server`` binary, and models are made
 
 from __future__ import annotations
 
+import io
 import shutil
 import socket
 import subprocess
@@ -14,8 +15,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from model.config import AutoencoderConfig, DDConfig, ModelConfig, UNetConfig
 
@@ -66,6 +69,14 @@ def tiny_registry(tmp_path_factory: pytest.TempPathFactory) -> Path:
     save_tiny_model(root)
     save_tiny_model(root, name="tiny-teacher", kind="teacher", inference_steps=15)
     return root
+
+
+def random_png(size: int = 16, seed: int = 0) -> bytes:
+    """A seeded random RGB PNG: a tiny valid upload."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG")
+    return buffer.getvalue()
 
 
 def free_port() -> int:

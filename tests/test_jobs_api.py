@@ -22,6 +22,7 @@ from service.jobs.queue import STREAM, JobQueue
 from service.settings import Settings
 from service.testing import live_server, scrape
 from tests.conftest import RedisServer, free_port
+from tests.conftest import random_png as png
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -76,13 +77,6 @@ def idle_redis(redis_module: RedisServer) -> Iterator[SyncRedis]:
     r.flushdb()
     yield r
     r.close()
-
-
-def png(size: int = 16, seed: int = 0) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, "PNG")
-    return buffer.getvalue()
 
 
 def submit(client: httpx.Client, data: bytes, key: str | None = None, **params: object) -> httpx.Response:

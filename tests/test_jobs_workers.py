@@ -26,6 +26,7 @@ from service.jobs.queue import DEAD_STREAM, GROUP, STREAM, JobQueue, job_key
 from service.settings import Settings
 from service.testing import live_server, scrape
 from tests.conftest import RedisServer, free_port
+from tests.conftest import random_png as png
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -93,13 +94,6 @@ def workers(tmp_path: Path) -> Iterator[list[Worker]]:
     yield started
     for worker in started:
         worker.stop()
-
-
-def png(size: int = 16, seed: int = 0) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, "PNG")
-    return buffer.getvalue()
 
 
 def job_state(r: Redis, job_id: str) -> dict[str, str]:

@@ -8,7 +8,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from PIL import Image
 from pydantic import ValidationError
 
 from service.settings import Settings
-from service.testing import live_server
+from service.testing import live_server, wait_ready
 from tests.conftest import free_port
 
 DOCS = Path(__file__).parents[1] / "docs" / "service.md"
@@ -107,16 +106,7 @@ def test_vpdsr_serve_flags_override_environment(tiny_registry: Path) -> None:
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            assert process.poll() is None, process.stdout.read() if process.stdout else ""
-            assert time.monotonic() < deadline, "vpdsr serve did not become ready"
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
+        wait_ready(url, lambda: process.poll() is None, timeout=120)
         loaded = httpx.get(f"{url}/v1/models").json()["loaded"]
         assert (loaded["name"], loaded["version"], loaded["batch_sizes"]) == ("tiny", "1", [1])
     finally:

@@ -219,6 +219,14 @@ async def submit_job(
     )
 
 
+async def existing_job(queue: JobQueue, job_id: str) -> JobRecord:
+    """The job's record, or 404 when it never existed or its TTL ran out."""
+    job = await queue.get(job_id)
+    if job is None:
+        raise JobNotFound(f"no job {job_id!r}: unknown, or expired")
+    return job
+
+
 @router.get(
     "/jobs/{job_id}",
     name="get_job",
@@ -229,9 +237,7 @@ async def submit_job(
 async def get_job(request: Request, job_id: str) -> JobStatus:
     queue = job_queue(request)
     async with redis_guard():
-        job = await queue.get(job_id)
-    if job is None:
-        raise JobNotFound(f"no job {job_id!r}: unknown, or expired")
+        job = await existing_job(queue, job_id)
     return status_body(request, job)
 
 
@@ -250,9 +256,7 @@ async def get_job(request: Request, job_id: str) -> JobStatus:
 async def get_result(request: Request, job_id: str) -> Response:
     queue = job_queue(request)
     async with redis_guard():
-        job = await queue.get(job_id)
-        if job is None:
-            raise JobNotFound(f"no job {job_id!r}: unknown, or expired")
+        job = await existing_job(queue, job_id)
         if job.state in ("queued", "running"):
             raise JobConflict("job_not_ready", f"job {job_id} is {job.state}; poll {job_id} until it succeeded")
         if job.state == "failed":
@@ -283,7 +287,5 @@ async def cancel_job(request: Request, job_id: str) -> JobStatus:
             raise JobConflict("job_not_cancellable", f"job {job_id} is {state}: only a queued job can be cancelled")
         if outcome == "cancelled":
             system.metrics.jobs.labels("cancelled").inc()
-        job = await queue.get(job_id)
-    if job is None:
-        raise JobNotFound(f"no job {job_id!r}: unknown, or expired")
+        job = await existing_job(queue, job_id)
     return status_body(request, job)
