@@ -25,7 +25,7 @@ accepts the wide head (512 channels in the full model) the fallback never holds 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -124,59 +124,37 @@ class Upsample(nn.Module):
 
 
 class Level(nn.Module):
-    """One resolution level: residual blocks, each followed by attention when the level has it."""
+    """One resolution level: residual blocks, each followed by attention when the level has it,
+    then the encoder's ``downsample`` or the decoder's ``upsample`` (the last level has neither).
 
-    def __init__(self, in_ch: int, out_ch: int, num_blocks: int, with_attention: bool, cfg: DDConfig) -> None:
+    The resampler's attribute name is the official state-dict key (``down.0.downsample.conv``,
+    ``up.1.upsample.conv``); the attribute that is not used stays ``None`` and adds no key.
+    """
+
+    def __init__(
+        self,
+        in_ch: int,
+        out_ch: int,
+        num_blocks: int,
+        with_attention: bool,
+        cfg: DDConfig,
+        resample: Literal["down", "up"] | None,
+    ) -> None:
         super().__init__()
         self.block = nn.ModuleList(ResnetBlock(in_ch if i == 0 else out_ch, out_ch, cfg) for i in range(num_blocks))
         self.attn = nn.ModuleList(AttnBlock(out_ch, cfg) for _ in range(num_blocks if with_attention else 0))
+        self.downsample = Downsample(out_ch) if resample == "down" else None
+        self.upsample = Upsample(out_ch, cfg.padding_mode) if resample == "up" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for i, block in enumerate(self.block):
             x = block(x)
             if len(self.attn) > 0:
                 x = self.attn[i](x)
+        for resample in (self.downsample, self.upsample):
+            if resample is not None:
+                x = resample(x)
         return x
-
-
-class DownLevel(Level):
-    """Encoder level; every level but the last ends by halving the resolution."""
-
-    def __init__(
-        self,
-        in_ch: int,
-        out_ch: int,
-        num_blocks: int,
-        with_attention: bool,
-        cfg: DDConfig,
-        downsample: bool,
-    ) -> None:
-        super().__init__(in_ch, out_ch, num_blocks, with_attention, cfg)
-        self.downsample = Downsample(out_ch) if downsample else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = super().forward(x)
-        return x if self.downsample is None else self.downsample(x)
-
-
-class UpLevel(Level):
-    """Decoder level; every level but the full-resolution one ends by doubling the resolution."""
-
-    def __init__(
-        self,
-        in_ch: int,
-        out_ch: int,
-        num_blocks: int,
-        with_attention: bool,
-        cfg: DDConfig,
-        upsample: bool,
-    ) -> None:
-        super().__init__(in_ch, out_ch, num_blocks, with_attention, cfg)
-        self.upsample = Upsample(out_ch, cfg.padding_mode) if upsample else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = super().forward(x)
-        return x if self.upsample is None else self.upsample(x)
 
 
 class MidBlock(nn.Module):
@@ -215,13 +193,13 @@ class Encoder(nn.Module):
         in_ch, res = cfg.ch, cfg.resolution
         for i, out_ch in enumerate(widths):
             self.down.append(
-                DownLevel(
+                Level(
                     in_ch,
                     out_ch,
                     blocks[i],
                     with_attention=res in cfg.attn_resolutions,
                     cfg=cfg,
-                    downsample=i != last,
+                    resample="down" if i != last else None,
                 )
             )
             in_ch, res = out_ch, res // 2
@@ -253,16 +231,16 @@ class Decoder(nn.Module):
         res = cfg.resolution // 2**last
         self.conv_in = _conv3x3(cfg.z_channels, in_ch, cfg.padding_mode)
         self.mid = MidBlock(in_ch, cfg)
-        levels: list[UpLevel] = []
+        levels: list[Level] = []
         for i in reversed(range(len(widths))):
             levels.append(
-                UpLevel(
+                Level(
                     in_ch,
                     widths[i],
                     blocks[i] + 1,
                     with_attention=res in cfg.attn_resolutions,
                     cfg=cfg,
-                    upsample=i != 0,
+                    resample="up" if i != 0 else None,
                 )
             )
             in_ch, res = widths[i], res * 2

@@ -30,6 +30,7 @@ from .autoencoder import VQAutoencoder
 from .config import ModelConfig
 from .checkpoint import load_into
 from .errors import InvalidRequest
+from .latent import LatentCodec
 from .registry import Registry
 from .sampler import sample
 from .schedule import ResShiftSchedule
@@ -128,9 +129,9 @@ class SRPipeline:
         self.device = torch.device(device)
         self.dtype = dtype
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.memory_format = memory_format
         self.unet = unet.eval().requires_grad_(False).to(self.device, dtype, memory_format=memory_format)
         self.autoencoder = autoencoder.eval().requires_grad_(False).to(self.device, dtype, memory_format=memory_format)
+        self.codec = LatentCodec(self.autoencoder, config.diffusion.scale_factor, config.diffusion.sf, memory_format)
         # The eager float32 path stays the reference; compile_mode (e.g. "max-autotune" or, on CUDA,
         # "reduce-overhead" for CUDA graphs) traces encode→sample→decode once per static tile shape.
         self._forward = self._tiles_forward
@@ -232,18 +233,9 @@ class SRPipeline:
         return host
 
     def _tiles_forward(self, lr: Tensor, noise: Tensor, steps: int) -> Tensor:
-        z_y = self.encode_lr(lr)
+        z_y = self.codec.encode_lr(lr)
         x0 = sample(self.unet, self.schedule, z_y, lr.to(self.dtype), noise, steps)
-        return self.decode(x0)
-
-    def encode_lr(self, lr: Tensor) -> Tensor:
-        """z_y: VQ latent (not quantised) of the bicubic-upsampled LR image."""
-        up = F.interpolate(lr.float(), scale_factor=self.scale, mode="bicubic", align_corners=False)
-        up = up.to(self.dtype).contiguous(memory_format=self.memory_format)
-        return self.autoencoder.encode(up) * self.config.diffusion.scale_factor
-
-    def decode(self, z: Tensor) -> Tensor:
-        return self.autoencoder.decode(z / self.config.diffusion.scale_factor, quantize=True)
+        return self.codec.decode(x0)
 
     # -- convenience -----------------------------------------------------------------------------
     def __call__(

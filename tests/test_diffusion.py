@@ -73,7 +73,7 @@ def test_pipeline_reproduces_reference_one_step_and_15_steps() -> None:
     pipe, ref = pipeline_fixture()
     lr, noise = ref["input.lr"], ref["input.noise"]
     with torch.inference_mode():
-        z_y = pipe.encode_lr(lr)
+        z_y = pipe.codec.encode_lr(lr)
         assert rel_err(z_y, ref["output.z_y"]) < 1e-4
         assert rel_err(pipe.schedule.prior_sample(z_y, noise), ref["output.z_T"]) < 1e-4
         from model.sampler import sample
@@ -82,7 +82,7 @@ def test_pipeline_reproduces_reference_one_step_and_15_steps() -> None:
         z15 = sample(pipe.unet, pipe.schedule, z_y, lr, noise, steps=15)
         assert rel_err(z1, ref["output.z0_one_step"]) < 1e-4
         assert rel_err(z15, ref["output.z0_deterministic_15"]) < 1e-4
-        assert rel_err(pipe.decode(z1), ref["output.image_one_step"]) < 1e-4
-        assert rel_err(pipe.decode(z15), ref["output.image_deterministic_15"]) < 1e-4
+        assert rel_err(pipe.codec.decode(z1), ref["output.image_one_step"]) < 1e-4
+        assert rel_err(pipe.codec.decode(z15), ref["output.image_deterministic_15"]) < 1e-4
     # run_tiles is the same computation end to end.
     assert rel_err(pipe.run_tiles(lr, noise, steps=1), ref["output.image_one_step"]) < 1e-4

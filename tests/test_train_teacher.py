@@ -51,13 +51,16 @@ def test_teacher_resume_is_exact_with_an_official_checkpoint_and_accumulation(tm
 
 
 def test_training_latents_match_the_inference_pipeline(tiny_registry: Path) -> None:
-    """Training and inference must agree on z_y = E(bicubic×4(LR)) and on decoding."""
+    """The trainers' codec, built from registry weights, gives the pipeline's z_y and decoding."""
     from model.pipeline import SRPipeline
-    from training.latents import LatentSpace
+    from model.registry import Registry
+    from training.latents import build_codec
 
     pipe = SRPipeline.from_registry("tiny", tiny_registry)
-    latents = LatentSpace(pipe.autoencoder, pipe.config.diffusion.scale_factor, pipe.scale)
+    _, vq_state = Registry(tiny_registry).resolve("tiny").state_dicts()
+    diffusion = pipe.config.diffusion
+    codec = build_codec(pipe.config.autoencoder, vq_state, diffusion.scale_factor, diffusion.sf, torch.device("cpu"))
     lq = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    z_y = latents.encode_lr(lq)
-    torch.testing.assert_close(z_y, pipe.encode_lr(lq), rtol=0, atol=0)
-    torch.testing.assert_close(latents.decode(z_y), pipe.decode(z_y), rtol=0, atol=0)
+    z_y = codec.encode_lr(lq)
+    torch.testing.assert_close(z_y, pipe.codec.encode_lr(lq), rtol=0, atol=0)
+    torch.testing.assert_close(codec.decode(z_y), pipe.codec.decode(z_y), rtol=0, atol=0)

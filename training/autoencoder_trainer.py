@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,8 @@ from . import engine as engine_lib
 from .adversary import Adversary, DiscriminatorSetup
 from .data import DataConfig
 from .engine import Engine, Losses, LossTerm, OptimConfig, RunConfig
+from .resampler_init import check as check_resampler
+from .resampler_init import init_as_resampler
 
 KIND = "autoencoder"
 
@@ -42,6 +45,10 @@ class AutoencoderTrainConfig:
     """L1 between the latent and the bicubic ×1/f image (needs embed_dim 3). Off for real models; the
     small CPU-trained demo chain uses it so its latent stays image-like: then z_y ≈ z0 and the
     decoder learns most of the super-resolution, which a few CPU minutes can train."""
+    init: Literal["random", "resampler"] = "random"
+    """``resampler`` starts encoder and decoder as box-down / bilinear-up with identity residual
+    blocks (``training/resampler_init.py``), so a short run learns only the detail; pairs with
+    ``anchor``. ``random`` is PyTorch's default initialisation, as for the official VQGAN."""
     discriminator: DiscriminatorSetup = field(default_factory=DiscriminatorSetup)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, betas=(0.5, 0.9)))
     data: DataConfig = field(default_factory=DataConfig)
@@ -55,6 +62,8 @@ class AutoencoderTrainConfig:
             raise ValueError("at least one of l1 and codebook must be enabled")
         if self.anchor.enabled and self.autoencoder.embed_dim != 3:
             raise ValueError("anchor needs an RGB-like latent: autoencoder.embed_dim must be 3")
+        if self.init == "resampler":
+            check_resampler(self.autoencoder)
 
 
 class AutoencoderTrainer:
@@ -66,6 +75,8 @@ class AutoencoderTrainer:
             # taming's ±1/n_embed start, where nearly every latent would map to a handful of codes.
             with torch.no_grad():
                 autoencoder.quantize.embedding.weight.uniform_(-1, 1)
+        if cfg.init == "resampler":
+            init_as_resampler(autoencoder)
         self.part = engine.add_part(KIND, autoencoder, cfg.optim, ema=True)
         self.adversary = (
             Adversary(engine, cfg.discriminator, in_channels=cfg.autoencoder.ddconfig.out_ch)

@@ -38,7 +38,7 @@ from .config_files import ConfigError, to_plain
 from .data import DataConfig
 from .degradations import DegradationConfig, Degrader
 from .engine import Engine, Losses, LossTerm, OptimConfig, RunConfig
-from .latents import LatentSpace, make_pair
+from .latents import build_codec, make_pair
 from .losses import ClipConfig, ClipSemanticLoss, ClipWeightsMissing, distill_loss, hfp_loss
 from .teacher_trainer import check_sizes
 
@@ -99,7 +99,7 @@ class DistillTrainer:
         load_into(self.teacher, unet_state, "teacher UNet")
         self.teacher = self.teacher.to(device).eval().requires_grad_(False)
         check_sizes(cfg.data.crop_size, mc.diffusion.sf, mc.autoencoder.ddconfig.downsample_factor, self.teacher, mc.unet)
-        self.latents = LatentSpace.build(mc.autoencoder, ae_state, mc.diffusion.scale_factor, mc.diffusion.sf, device)
+        self.latents = build_codec(mc.autoencoder, ae_state, mc.diffusion.scale_factor, mc.diffusion.sf, device)
         self.schedule = ResShiftSchedule(mc.diffusion)
         self.degrader = Degrader(cfg.degradation)
         student = SwinUNet.from_config(mc.unet)

@@ -1,9 +1,9 @@
 """The frozen VQGAN latent space of the diffusion trainers, and the training pairs made in it.
 
-Teacher and student both learn in the latent space of a frozen autoencoder, with the same maths as
-inference (:class:`model.SRPipeline`): ``z_y = E(bicubic×sf(LR)) · scale_factor``, ``z0 = E(HR) ·
-scale_factor``, images in [-1, 1], and decoding snaps latents to the codebook with a
-straight-through gradient so that image-space losses still train whatever produced the latent.
+Teacher and student both learn in the latent space of a frozen autoencoder through the codec that
+inference uses (:class:`model.latent.LatentCodec`), so training and serving latents cannot drift
+apart; decoding snaps latents to the codebook with a straight-through gradient so that
+image-space losses still train whatever produced the latent.
 """
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from model.autoencoder import VQAutoencoder
 from model.checkpoint import load_into, read_state_dict
 from model.config import AutoencoderConfig
+from model.latent import LatentCodec
 from model.registry import Registry
 
 from .config_files import ConfigError
@@ -51,34 +51,13 @@ class AutoencoderSource:
         return entry.config().autoencoder, state
 
 
-class LatentSpace:
-    """A frozen autoencoder and the latent scaling of the diffusion model."""
-
-    def __init__(self, autoencoder: VQAutoencoder, scale_factor: float, sf: int) -> None:
-        self.autoencoder = autoencoder.eval().requires_grad_(False)
-        self.scale_factor = scale_factor
-        self.sf = sf
-
-    @classmethod
-    def build(
-        cls, config: AutoencoderConfig, state: dict[str, Tensor], scale_factor: float, sf: int, device: torch.device
-    ) -> "LatentSpace":
-        autoencoder = VQAutoencoder.from_config(config)
-        load_into(autoencoder, state, "autoencoder")
-        return cls(autoencoder.to(device), scale_factor, sf)
-
-    def encode(self, image: Tensor) -> Tensor:
-        """Continuous (not quantised) latent of images in [-1, 1], as float32."""
-        return self.autoencoder.encode(image).float() * self.scale_factor
-
-    def encode_lr(self, lq: Tensor) -> Tensor:
-        """z_y: latent of the bicubic-upsampled LR image."""
-        up = F.interpolate(lq.float(), scale_factor=self.sf, mode="bicubic", align_corners=False)
-        return self.encode(up)
-
-    def decode(self, z: Tensor) -> Tensor:
-        """Image in about [-1, 1]; differentiable in ``z`` (straight-through quantisation)."""
-        return self.autoencoder.decode(z / self.scale_factor, quantize=True)
+def build_codec(
+    config: AutoencoderConfig, state: dict[str, Tensor], scale_factor: float, sf: int, device: torch.device
+) -> LatentCodec:
+    """The frozen autoencoder of a diffusion trainer, in float32 on ``device``."""
+    autoencoder = VQAutoencoder.from_config(config)
+    load_into(autoencoder, state, "autoencoder")
+    return LatentCodec(autoencoder.to(device), scale_factor, sf)
 
 
 @dataclass(frozen=True)
@@ -92,7 +71,7 @@ class Pair:
 
 
 @torch.no_grad()
-def make_pair(hr: Tensor, degrader: Degrader, generator: torch.Generator, latents: LatentSpace) -> Pair:
+def make_pair(hr: Tensor, degrader: Degrader, generator: torch.Generator, latents: LatentCodec) -> Pair:
     """Degrade HR crops in [0, 1] to LR (Real-ESRGAN, on the crops' device) and encode both sides.
 
     The degradation runs in float32 even under autocast: its blurs and JPEG maths would otherwise
@@ -101,4 +80,4 @@ def make_pair(hr: Tensor, degrader: Degrader, generator: torch.Generator, latent
     with torch.autocast(hr.device.type, enabled=False):
         lq = degrader(hr, generator) * 2 - 1
     hr = hr * 2 - 1
-    return Pair(lq=lq, z_y=latents.encode_lr(lq), z0=latents.encode(hr), hr=hr)
+    return Pair(lq=lq, z_y=latents.encode_lr(lq).float(), z0=latents.encode(hr).float(), hr=hr)

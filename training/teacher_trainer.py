@@ -26,7 +26,7 @@ from .config_files import ConfigError
 from .data import DataConfig
 from .degradations import DegradationConfig, Degrader
 from .engine import Engine, Losses, OptimConfig, RunConfig
-from .latents import AutoencoderSource, LatentSpace, make_pair
+from .latents import AutoencoderSource, build_codec, make_pair
 
 KIND = "teacher"
 
@@ -71,7 +71,7 @@ class TeacherTrainer:
         unet = SwinUNet.from_config(cfg.unet)
         check_sizes(cfg.data.crop_size, cfg.diffusion.sf, ae_config.ddconfig.downsample_factor, unet, cfg.unet)
         self.autoencoder_config = ae_config
-        self.latents = LatentSpace.build(ae_config, ae_state, cfg.diffusion.scale_factor, cfg.diffusion.sf, engine.device)
+        self.latents = build_codec(ae_config, ae_state, cfg.diffusion.scale_factor, cfg.diffusion.sf, engine.device)
         self.schedule = ResShiftSchedule(cfg.diffusion)
         self.degrader = Degrader(cfg.degradation)
         self.unet = engine.add_part("unet", unet, cfg.optim, ema=True)
