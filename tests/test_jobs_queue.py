@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from contextlib import asynccontextmanager
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
@@ -61,16 +62,22 @@ def value(m: JobMetrics, outcome: str) -> float:
     return m.jobs.labels(outcome)._value.get()
 
 
+@asynccontextmanager
+async def running(consumer: JobConsumer) -> AsyncIterator[JobConsumer]:
+    """Start ``consumer`` and stop it (1 s grace) on the way out, whatever the test body raised."""
+    consumer.start()
+    try:
+        yield consumer
+    finally:
+        await consumer.stop(1)
+
+
 async def test_submit_run_and_ack(redis: Redis) -> None:
     queue, m = make_queue(redis), metrics()
     submitted = await queue.submit(b"hello", "image/png", {"seed": 3})
     assert submitted.created and submitted.job.state == "queued" and submitted.job.options == {"seed": 3}
-    consumer = JobConsumer(queue, echo, name="c1", metrics=m, block_ms=100)
-    consumer.start()
-    try:
+    async with running(JobConsumer(queue, echo, name="c1", metrics=m, block_ms=100)):
         await wait_for(lambda: state_is(queue, submitted.job.id, "succeeded"))
-    finally:
-        await consumer.stop(1)
     job = await queue.get(submitted.job.id)
     assert job is not None
     assert job.attempts == 1 and job.result_content_type == "application/x-test" and job.result_meta == {"attempt": 1}
@@ -115,12 +122,8 @@ async def test_dead_consumer_is_reclaimed_after_visibility_timeout(redis: Redis)
     [delivery] = await queue.read("dead-worker", 10, 10)
     assert (await queue.start(delivery, "dead-worker")).attempt == 1  # ... and then it dies
     assert (await queue.stats()).pending == 1
-    consumer = JobConsumer(queue, echo, name="b", metrics=m, block_ms=100, reclaim_interval_s=0.1)
-    consumer.start()
-    try:
+    async with running(JobConsumer(queue, echo, name="b", metrics=m, block_ms=100, reclaim_interval_s=0.1)):
         await wait_for(lambda: state_is(queue, job_id, "succeeded"))
-    finally:
-        await consumer.stop(1)
     job = await queue.get(job_id)
     assert job is not None and job.attempts == 2
     assert await queue.result(job_id) == b"cba"
@@ -137,12 +140,8 @@ async def test_always_failing_job_is_dead_lettered(redis: Redis) -> None:
         raise RuntimeError("GPU on fire")
 
     job_id = (await queue.submit(b"abc", None, {})).job.id
-    consumer = JobConsumer(queue, broken, name="c", metrics=m, block_ms=100)
-    consumer.start()
-    try:
+    async with running(JobConsumer(queue, broken, name="c", metrics=m, block_ms=100)):
         await wait_for(lambda: state_is(queue, job_id, "failed"))
-    finally:
-        await consumer.stop(1)
     job = await queue.get(job_id)
     assert job is not None and calls == [1, 2, 3] and job.attempts == 3 and job.dead_lettered
     assert job.error_code == "job_error"
@@ -162,12 +161,8 @@ async def test_permanent_error_fails_without_retry(redis: Redis) -> None:
         raise JobError("invalid_image", "not an image")
 
     job_id = (await queue.submit(b"abc", None, {})).job.id
-    consumer = JobConsumer(queue, reject, name="c", metrics=m, block_ms=100)
-    consumer.start()
-    try:
+    async with running(JobConsumer(queue, reject, name="c", metrics=m, block_ms=100)):
         await wait_for(lambda: state_is(queue, job_id, "failed"))
-    finally:
-        await consumer.stop(1)
     job = await queue.get(job_id)
     assert job is not None and calls == [1] and not job.dead_lettered
     assert (job.error_code, job.error_message) == ("invalid_image", "not an image")
@@ -286,9 +281,7 @@ async def test_graceful_stop_waits_for_jobs_in_hand(redis: Redis) -> None:
 
 async def test_consumer_survives_redis_restart(redis_server, redis: Redis) -> None:
     queue, m = make_queue(redis), metrics()
-    consumer = JobConsumer(queue, echo, name="c", metrics=m, block_ms=200)
-    consumer.start()
-    try:
+    async with running(JobConsumer(queue, echo, name="c", metrics=m, block_ms=200)) as consumer:
         first = (await queue.submit(b"1", None, {})).job.id
         await wait_for(lambda: state_is(queue, first, "succeeded"))
         redis_server.stop()
@@ -306,5 +299,3 @@ async def test_consumer_survives_redis_restart(redis_server, redis: Redis) -> No
 
         await wait_for(resubmit, 20)
         assert consumer.connected
-    finally:
-        await consumer.stop(1)

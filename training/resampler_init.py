@@ -55,11 +55,11 @@ BILINEAR_UP = _kernel([1.0, 2.0, 1.0])
 
 
 @torch.no_grad()
-def _resample(conv: nn.Conv2d, channels: int, groups: int, kernel: torch.Tensor) -> None:
+def _resample(conv: nn.Conv2d, groups: int, kernel: torch.Tensor) -> None:
     """Per-channel ``kernel`` for the signals, a centre tap for the constants."""
     conv.weight.zero_()
     conv.bias.zero_()
-    for plus, minus, const_plus, const_minus in _slots(channels, groups):
+    for plus, minus, const_plus, const_minus in _slots(conv.out_channels, groups):
         for c in (plus, minus):
             conv.weight[c, c] = kernel
         for c in (const_plus, const_minus):
@@ -67,23 +67,23 @@ def _resample(conv: nn.Conv2d, channels: int, groups: int, kernel: torch.Tensor)
 
 
 @torch.no_grad()
-def _to_slots(conv: nn.Conv2d, channels: int, groups: int) -> None:
+def _to_slots(conv: nn.Conv2d, groups: int) -> None:
     """RGB-like input (3 channels) → the slot layout, constants from the bias (1×1 or 3×3 conv)."""
     conv.weight.zero_()
     conv.bias.zero_()
     centre = conv.kernel_size[0] // 2
-    for k, (plus, minus, const_plus, const_minus) in enumerate(_slots(channels, groups)):
+    for k, (plus, minus, const_plus, const_minus) in enumerate(_slots(conv.out_channels, groups)):
         conv.weight[plus, k, centre, centre] = 1.0
         conv.weight[minus, k, centre, centre] = -1.0
         conv.bias[const_plus], conv.bias[const_minus] = CONSTANT, -CONSTANT
 
 
 @torch.no_grad()
-def _between_slots(conv: nn.Conv2d, in_channels: int, out_channels: int, groups: int) -> None:
+def _between_slots(conv: nn.Conv2d, groups: int) -> None:
     """1×1 shortcut between two widths: each slot channel to the same slot of the new layout."""
     conv.weight.zero_()
     conv.bias.zero_()
-    for src, dst in zip(_slots(in_channels, groups), _slots(out_channels, groups)):
+    for src, dst in zip(_slots(conv.in_channels, groups), _slots(conv.out_channels, groups)):
         for i, o in zip(src, dst):
             conv.weight[o, i, 0, 0] = 1.0
 
@@ -126,17 +126,16 @@ def init_as_resampler(autoencoder: VQAutoencoder) -> None:
             nn.init.zeros_(module.conv2.weight)
             nn.init.zeros_(module.conv2.bias)
             if module.nin_shortcut is not None:
-                conv = module.nin_shortcut
-                _between_slots(conv, conv.in_channels, conv.out_channels, groups)
+                _between_slots(module.nin_shortcut, groups)
         elif isinstance(module, AttnBlock):
             nn.init.zeros_(module.proj_out.weight)
             nn.init.zeros_(module.proj_out.bias)
         elif isinstance(module, Downsample):
-            _resample(module.conv, module.conv.out_channels, groups, BOX_DOWN)
+            _resample(module.conv, groups, BOX_DOWN)
         elif isinstance(module, Upsample):
-            _resample(module.conv, module.conv.out_channels, groups, BILINEAR_UP)
+            _resample(module.conv, groups, BILINEAR_UP)
     for part in (autoencoder.encoder, autoencoder.decoder):
-        _to_slots(part.conv_in, part.conv_in.out_channels, groups)
+        _to_slots(part.conv_in, groups)
         _from_slots(part.norm_out, part.conv_out, groups)
     for conv in (autoencoder.quant_conv, autoencoder.post_quant_conv):
         nn.init.eye_(conv.weight.view(COLOURS, COLOURS))
