@@ -17,6 +17,17 @@ from PIL import Image
 from model import SRPipeline
 
 
+def side_by_side(views: list[Image.Image], crop: int, gap: int = 4) -> Image.Image:
+    """The centred ``crop`` square of each view (all of one size), left to right on white."""
+    w, h = views[0].size
+    size = min(crop, w, h)
+    left, top = (w - size) // 2, (h - size) // 2
+    out = Image.new(views[0].mode, (len(views) * (size + gap) - gap, size), "white")
+    for i, view in enumerate(views):
+        out.paste(view.crop((left, top, left + size, top + size)), (i * (size + gap), 0))
+    return out
+
+
 def panel(hr: Image.Image, pipe: SRPipeline, crop: int, seed: int) -> Image.Image:
     w, h = hr.width - hr.width % 4, hr.height - hr.height % 4
     hr = hr.crop((0, 0, w, h))
@@ -27,12 +38,7 @@ def panel(hr: Image.Image, pipe: SRPipeline, crop: int, seed: int) -> Image.Imag
         pipe(lr, seed=seed).convert(hr.mode),
         hr,
     ]
-    size = min(crop, w, h)
-    left, top = (w - size) // 2, (h - size) // 2
-    out = Image.new(hr.mode, (4 * size + 12, size), "white")
-    for i, view in enumerate(views):
-        out.paste(view.crop((left, top, left + size, top + size)), (i * (size + 4), 0))
-    return out
+    return side_by_side(views, crop)
 
 
 def main() -> None:

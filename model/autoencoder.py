@@ -158,12 +158,13 @@ class Level(nn.Module):
 
 
 class MidBlock(nn.Module):
-    """Residual block, global attention, residual block at the lowest resolution."""
+    """Residual block, global attention (an identity with ``attn_type: none``), residual block at
+    the lowest resolution."""
 
     def __init__(self, channels: int, cfg: DDConfig) -> None:
         super().__init__()
         self.block_1 = ResnetBlock(channels, channels, cfg)
-        self.attn_1 = AttnBlock(channels, cfg)
+        self.attn_1 = AttnBlock(channels, cfg) if cfg.attn_type == "vanilla" else nn.Identity()
         self.block_2 = ResnetBlock(channels, channels, cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -197,7 +198,7 @@ class Encoder(nn.Module):
                     in_ch,
                     out_ch,
                     blocks[i],
-                    with_attention=res in cfg.attn_resolutions,
+                    with_attention=cfg.attn_type == "vanilla" and res in cfg.attn_resolutions,
                     cfg=cfg,
                     resample="down" if i != last else None,
                 )
@@ -238,7 +239,7 @@ class Decoder(nn.Module):
                     in_ch,
                     widths[i],
                     blocks[i] + 1,
-                    with_attention=res in cfg.attn_resolutions,
+                    with_attention=cfg.attn_type == "vanilla" and res in cfg.attn_resolutions,
                     cfg=cfg,
                     resample="up" if i != 0 else None,
                 )

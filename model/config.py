@@ -12,7 +12,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 T = TypeVar("T")
 
@@ -60,6 +60,10 @@ class DDConfig:
     attn_resolutions: tuple[int, ...] = ()
     dropout: float = 0.0
     padding_mode: str = "zeros"
+    attn_type: Literal["vanilla", "none"] = "vanilla"
+    """LDM's option of the same name. ``none`` drops every attention block (the mid-block's global
+    attention included), so the network is fully convolutional and a model trained on small crops
+    serves large tiles; no official checkpoint uses it."""
     norm_groups: int = 32
     """Not a ResShift option (always 32 there). Small demo widths use fewer groups: with one
     channel per group the decoder's last norm erases each channel's mean, i.e. the image colour."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import random
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -187,10 +188,10 @@ class SRPipeline:
         return steps
 
     # -- the three pieces ------------------------------------------------------------------------
-    def plan(self, image: ImageInput, seed: int | None = None, tile: int | None = None) -> TilePlan:
-        """Pad the image and cut it into equal overlapping tiles, each with its share of the noise."""
-        rgb, grayscale, alpha = split_alpha(image)
-        width, height = rgb.size
+    def layout(self, width: int, height: int, tile: int | None = None) -> TileGrid:
+        """The tile grid of a ``width``×``height`` image, from its size alone: what a request will
+        cost is known before any pixel is touched. ``tile`` None picks the smallest bucket that
+        holds the whole (padded) image, else the largest bucket."""
         padded_h = max(math.ceil(height / self.multiple) * self.multiple, self.multiple)
         padded_w = max(math.ceil(width / self.multiple) * self.multiple, self.multiple)
         if tile is None:
@@ -198,6 +199,15 @@ class SRPipeline:
             tile = next((t for t in self.tile_sizes if t >= longest), self.tile_sizes[-1])
         tile = self.check_tile(tile)
         padded_h, padded_w = max(padded_h, tile), max(padded_w, tile)
+        overlap = int(tile * self.tile_overlap) if tile < max(padded_h, padded_w) else 0
+        return TileGrid(padded_h, padded_w, tile, overlap, self.scale)
+
+    def plan(self, image: ImageInput, seed: int | None = None, tile: int | None = None) -> TilePlan:
+        """Pad the image and cut it into equal overlapping tiles, each with its share of the noise."""
+        rgb, grayscale, alpha = split_alpha(image)
+        width, height = rgb.size
+        grid = self.layout(width, height, tile)
+        tile, padded_h, padded_w = grid.tile, grid.height, grid.width
 
         lr = torch.from_numpy(np.asarray(rgb, dtype=np.float32)).permute(2, 0, 1)[None] / 127.5 - 1
         lr = _pad(lr, padded_h, padded_w)[0]
@@ -207,8 +217,6 @@ class SRPipeline:
         noise = torch.randn(
             (self.config.autoencoder.embed_dim, padded_h * ls, padded_w * ls), generator=generator
         )
-        overlap = int(tile * self.tile_overlap) if tile < max(padded_h, padded_w) else 0
-        grid = TileGrid(padded_h, padded_w, tile, overlap, self.scale)
         tiles = [
             Tile(lr[:, y : y + tile, x : x + tile], noise[:, y * ls : (y + tile) * ls, x * ls : (x + tile) * ls])
             for y, x in grid.boxes
@@ -251,11 +259,19 @@ class SRPipeline:
             outputs.extend(self.run_tiles(lr, noise, steps))
         return plan.assemble(outputs)
 
-    def warmup(self, batch_sizes: Sequence[int], steps: int | None = None) -> None:
-        """Run every (tile bucket, batch size) shape once so the first requests pay no start-up cost."""
+    def warmup(self, batch_sizes: Sequence[int], steps: int | None = None) -> dict[int, float]:
+        """Run every (tile bucket, batch size) shape once so the first requests pay no start-up cost.
+
+        Returns the seconds per tile of each bucket, timed on its largest batch (run last, once the
+        smaller ones have paid for allocations): the service's first cost estimate.
+        """
         channels = self.config.autoencoder.embed_dim
+        seconds: dict[int, float] = {}
         for tile in self.tile_sizes:
-            for batch in batch_sizes:
+            for batch in sorted(batch_sizes):
                 lr = torch.zeros(batch, 3, tile, tile)
                 noise = torch.zeros(batch, channels, tile * self.latent_scale, tile * self.latent_scale)
+                started = time.perf_counter()
                 self.run_tiles(lr, noise, steps)
+                seconds[tile] = (time.perf_counter() - started) / batch
+        return seconds

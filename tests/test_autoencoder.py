@@ -201,3 +201,17 @@ def test_bf16_autocast_runs_and_stays_close(small: tuple[dict, dict[str, torch.T
     assert torch.isfinite(decoded.float()).all()
     assert rel_err(z, tensors["output.latent"]) < 5e-2
     assert rel_err(decoded, tensors["output.decoded_not_quantized"]) < 5e-2
+
+
+def test_attn_type_none_is_fully_convolutional() -> None:
+    """LDM's ``attn_type: none`` drops every attention block: no attention keys, any input size."""
+    ddconfig = {"resolution": 32, "ch": 16, "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [16],
+                "norm_groups": 4, "attn_type": "none"}
+    vq = VQAutoencoder(3, 16, ddconfig).eval()
+    assert not [key for key in vq.state_dict() if "attn" in key]
+    assert not any(isinstance(m, AttnBlock) for m in vq.modules())
+    with torch.no_grad():
+        for size in (8, 24, 40):
+            assert vq.decode(vq.encode(torch.zeros(1, 3, size, size))).shape == (1, 3, size, size)
+    with_attention = VQAutoencoder(3, 16, ddconfig | {"attn_type": "vanilla"})
+    assert any(isinstance(m, AttnBlock) for m in with_attention.modules())

@@ -141,3 +141,25 @@ def test_degrade_command_errors_are_one_line(tmp_path: Path, capsys: pytest.Capt
     assert main(["degrade", str(in_dir), str(tmp_path / "out"), *extra]) == 2
     err = capsys.readouterr().err
     assert err.startswith("vpdsr: error: ") and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_crop_bank_is_allotted_by_area_and_reproducible(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Crops per image follow image area (largest remainder), and the same seed gives the same bank."""
+    from training.crop_bank import allocate
+
+    assert allocate([100, 300, 0], 8) == [2, 6, 0]
+    assert sum(allocate([5, 7, 11], 10)) == 10
+    src = tmp_path / "src"
+    src.mkdir()
+    Image.new("RGB", (64, 64), (10, 20, 30)).save(src / "small.png")
+    Image.effect_noise((192, 128), 40).convert("RGB").save(src / "large.png")
+    Image.new("RGB", (20, 20)).save(src / "tiny.png")  # shorter than a crop: contributes none
+    for out in ("a", "b"):
+        assert main(["crops", str(src), str(tmp_path / out), "--size", "32", "--count", "7", "--seed", "3"]) == 0
+    names = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert [n.rsplit("_", 1)[0] for n in names].count("src_large") == 6  # 6 × area of small
+    assert len(names) == 7 and not any("tiny" in n for n in names)
+    for name in names:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    assert main(["crops", str(src), str(tmp_path / "c"), "--size", "512"]) == 2
+    assert "no image has a short side of at least 512" in capsys.readouterr().err

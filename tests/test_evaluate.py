@@ -16,10 +16,17 @@ from PIL import Image
 
 from model.cli import main
 from training.metrics import IQAMetrics, gaussian_window, psnr, psnr_y, rgb_to_y, ssim, ssim_y
+from training.niqe import niqe
 
 
 def random_image(shape: tuple[int, ...], seed: int, low: int = 0, high: int = 256) -> np.ndarray:
     return np.random.default_rng(seed).integers(low, high, size=shape, dtype=np.uint8)
+
+
+def smooth_image(size: tuple[int, int], seed: int) -> np.ndarray:
+    """A photo-like RGB image (height, width): smooth random shapes, so NIQE's statistics are defined."""
+    small = Image.fromarray(random_image((size[0] // 4 + 1, size[1] // 4 + 1, 3), seed))
+    return np.asarray(small.resize(size[::-1], Image.Resampling.BICUBIC))
 
 
 # -- metrics ---------------------------------------------------------------------------------------
@@ -97,10 +104,10 @@ def test_optional_iqa_metrics_with_stub_pyiqa(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setitem(sys.modules, "pyiqa", types.SimpleNamespace(create_metric=create_metric))
     notices: list[str] = []
     iqa = IQAMetrics.load(torch.device("cpu"), paired=True, notice=notices.append)
-    assert iqa.names == ["clipiqa", "musiq", "niqe", "lpips"]
+    assert iqa.names == ["clipiqa", "musiq", "lpips"]  # NIQE is the project's own, never pyiqa's
     assert notices == ["note: MANIQA skipped: RuntimeError: weights not available offline"]
     img = Image.fromarray(random_image((8, 8, 3), 7))
-    assert iqa(img, img) == {"clipiqa": 1.0, "musiq": 1.0, "niqe": 1.0, "lpips": 2.0}
+    assert iqa(img, img) == {"clipiqa": 1.0, "musiq": 1.0, "lpips": 2.0}
     assert "lpips" not in iqa(img)
 
 
@@ -108,7 +115,7 @@ def test_iqa_metrics_skipped_without_pyiqa(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setitem(sys.modules, "pyiqa", None)  # import fails
     notices: list[str] = []
     iqa = IQAMetrics.load(torch.device("cpu"), paired=False, notice=notices.append)
-    assert iqa.names == [] and len(notices) == 1 and "CLIPIQA, MUSIQ, MANIQA, NIQE skipped" in notices[0]
+    assert iqa.names == [] and len(notices) == 1 and "CLIPIQA, MUSIQ, MANIQA skipped" in notices[0]
 
 
 # -- `vpdsr evaluate` ------------------------------------------------------------------------------
@@ -150,10 +157,14 @@ def test_paired_evaluation_writes_metrics(registry: Path, paired: Path, tmp_path
     assert mini["seconds_per_image"] > 0 and "teacher" not in mini
     for key in ("psnr_y", "ssim_y", "bicubic_psnr_y", "bicubic_ssim_y"):
         assert isinstance(mini[key], float), key
+    # 64² outputs hold no two 96² NIQE blocks: NIQE is null, and the output says why, never a crash.
+    assert mini["niqe"] is None and mini["bicubic_niqe"] is None
+    assert set(mini["niqe_skipped"]) == {"a", "b"} and "96" in mini["niqe_skipped"]["a"]
+    assert "a left out of the NIQE means" in printed
 
     report = json.loads(out.read_text())
     a, b = report["images"]
-    assert (a["name"], b["name"]) == ("a", "b")
+    assert (a["name"], b["name"]) == ("a", "b") and a["niqe"] is None
     # The bicubic baseline is the HR (cropped to 64×60) against the bicubic round trip.
     hr = Image.open(paired / "a.png").crop((0, 0, 64, 60))
     bicubic = hr.resize((16, 15), Image.Resampling.BICUBIC).resize((64, 60), Image.Resampling.BICUBIC)
@@ -182,18 +193,26 @@ def test_unpaired_evaluation(registry: Path, tmp_path: Path, capsys: pytest.Capt
     real = tmp_path / "RealMini"
     real.mkdir()
     Image.fromarray(random_image((12, 14, 3), 12)).save(real / "x.png")
+    Image.fromarray(smooth_image((28, 52), 13)).save(real / "y.png")  # ×4: 2 NIQE blocks after the border
     (real / "README.md").write_text("not an image")
     assert run_cli("--model", "tiny", "--data", str(real), "--unpaired", "--registry", str(registry)) == 0
     printed = capsys.readouterr().out
     if "pyiqa" not in sys.modules:
         assert "skipped: pyiqa is not installed" in printed
     summary = json.loads((registry / "tiny" / "1" / "metrics.json").read_text())["RealMini"]
-    assert summary["images"] == 1 and not summary["paired"] and summary["seconds_per_image"] > 0
-    assert "psnr_y" not in summary
+    assert summary["images"] == 2 and not summary["paired"] and summary["seconds_per_image"] > 0
+    assert summary["lr"] == "files" and "psnr_y" not in summary
+    # NIQE of the output and of bicubic ×4 of y; x (48×56 out) is left out of the means, with the reason.
+    assert list(summary["niqe_skipped"]) == ["x"]
+    bicubic = Image.open(real / "y.png").resize((208, 112), Image.Resampling.BICUBIC)
+    assert summary["bicubic_niqe"] == pytest.approx(niqe(bicubic, crop_border=4))
+    assert isinstance(summary["niqe"], float) and summary["niqe"] != summary["bicubic_niqe"]
 
 
 def test_clear_errors(registry: Path, paired: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "empty").mkdir()
+    (tmp_path / "tiny").mkdir()
+    Image.fromarray(random_image((31, 64, 3), 14)).save(tmp_path / "tiny" / "t.png")  # < 32 rows
     cases = [
         (["--data", str(tmp_path / "nope")], "not a folder"),
         (["--data", str(tmp_path / "empty")], "no images"),
@@ -201,8 +220,46 @@ def test_clear_errors(registry: Path, paired: Path, tmp_path: Path, capsys: pyte
         (["--data", str(paired), "--lr-dir", str(paired), "--unpaired"], "--lr-dir is for paired data"),
         (["--data", str(paired), "--limit", "0"], "--limit must be positive"),
         (["--data", str(paired), "--model", "missing"], "unknown model"),
+        (["--data", str(paired), "--lr-dir", str(paired), "--degrade", "realesrgan"], "with --lr-dir the LR are given"),
+        (["--data", str(paired), "--unpaired", "--save-lr", str(tmp_path)], "with --unpaired they are files"),
+        (["--data", str(tmp_path / "tiny"), "--degrade", "realesrgan"], "too small for --degrade realesrgan"),
+        (["--data", str(paired), "--save-lr", str(paired)], "--save-lr must not be the --data folder"),
     ]
     for extra, message in cases:
         args = ["--model", "tiny", "--registry", str(registry), *extra]
         assert run_cli(*args) == 2, extra
         assert message in capsys.readouterr().err, extra
+
+
+def test_realesrgan_degradation_is_reproducible(registry: Path, tmp_path: Path) -> None:
+    """--degrade realesrgan --seed S: byte-identical LR and identical numbers on every run; the LR of
+    an image depends on the seed and its file name only (not on --limit); another seed, other LR."""
+    gt = tmp_path / "deg" / "gt"
+    gt.mkdir(parents=True)
+    Image.fromarray(smooth_image((104, 200), 20)).save(gt / "a.png")  # NIQE-sized output
+    Image.fromarray(random_image((37, 34), 21)).save(gt / "b.png")  # greyscale, cropped to 36×32
+    Image.fromarray(random_image((48, 64, 3), 22)).save(gt / "c.png")
+
+    def run(seed: int, name: str, *extra: str) -> dict:
+        out = tmp_path / f"{name}.json"
+        assert run_cli("--model", "tiny", "--data", str(gt), "--degrade", "realesrgan", "--seed", str(seed),
+                       "--save-lr", str(tmp_path / name), "--out", str(out), "--registry", str(registry),
+                       *extra) == 0
+        return json.loads(out.read_text())
+
+    def scores(report: dict) -> list[dict]:
+        return [{k: v for k, v in image.items() if k != "seconds"} for image in report["images"]]
+
+    first, second, other = run(0, "first"), run(0, "second"), run(1, "other")
+    run(0, "limited", "--limit", "1")
+    for name, size in (("a", (50, 26)), ("b", (8, 9)), ("c", (16, 12))):
+        lr = (tmp_path / "first" / f"{name}.png").read_bytes()
+        assert Image.open(tmp_path / "first" / f"{name}.png").size == size
+        assert lr == (tmp_path / "second" / f"{name}.png").read_bytes(), name
+        assert lr != (tmp_path / "other" / f"{name}.png").read_bytes(), name
+    assert (tmp_path / "limited" / "a.png").read_bytes() == (tmp_path / "first" / "a.png").read_bytes()
+    assert scores(first) == scores(second) and scores(first) != scores(other)
+    assert isinstance(first["images"][0]["niqe"], float)
+    assert first["dataset"] == "deg+realesrgan-s0" and other["dataset"] == "deg+realesrgan-s1"
+    metrics = json.loads((registry / "tiny" / "1" / "metrics.json").read_text())
+    assert metrics["deg+realesrgan-s0"]["lr"] == "realesrgan" and metrics["deg+realesrgan-s0"]["seed"] == 0

@@ -1,7 +1,8 @@
-"""``vpdsr degrade``: write HR crops and their synthetic LR images, to see what the model trains on.
+"""``vpdsr degrade`` (HR crops and their synthetic LR images, to see what the model trains on) and
+``vpdsr crops`` (a bank of HR training crops cut in proportion to image area).
 
 Registered in the ``vpdsr`` command line through the ``vpdsr.commands`` entry-point group
-(:func:`register`); :func:`main` runs this package's commands alone, for tests and ``python -m``.
+(:func:`register`).
 """
 
 from __future__ import annotations
@@ -62,6 +63,20 @@ def degrade(args: argparse.Namespace) -> int:
     return 0
 
 
+def crops(args: argparse.Namespace) -> int:
+    """The ``vpdsr crops`` handler."""
+    from .crop_bank import make_crop_bank
+
+    if args.size < 32 or args.count < 1:
+        raise VPDSRError(f"--size must be at least 32 and --count positive, got {args.size} and {args.count}")
+    try:
+        count = make_crop_bank(args.sources, args.out_dir, args.size, args.count, args.seed)
+    except (OSError, ValueError) as exc:
+        raise VPDSRError(str(exc)) from None
+    print(f"wrote {count} crops of {args.size}² to {args.out_dir}")
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add this package's sub-commands to the ``vpdsr`` parser."""
     parser = subparsers.add_parser(
@@ -75,3 +90,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--count", type=int, default=None, help="number of pairs (default: one per image)")
     parser.add_argument("--crop", type=int, default=256, help="HR crop size; LR is a quarter of it")
     parser.set_defaults(handler=degrade)
+
+    parser = subparsers.add_parser(
+        "crops",
+        help="cut a bank of HR training crops, as many per image as its area deserves",
+        description="Cut COUNT random SIZE² crops from the images of SOURCES (folders or list files), "
+        "allotted in proportion to image area, into OUT_DIR; train on OUT_DIR with --data.",
+    )
+    parser.add_argument("sources", type=Path, nargs="+", metavar="SOURCE", help="folders of images, or .txt lists")
+    parser.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="receives the PNG crops")
+    parser.add_argument("--size", type=int, default=256, help="crop side in pixels")
+    parser.add_argument("--count", type=int, default=4000, help="number of crops in all")
+    parser.add_argument("--seed", type=int, default=0, help="same sources and seed, same bank")
+    parser.set_defaults(handler=crops)

@@ -1,17 +1,18 @@
 """Evaluate a registry model on a folder of images; results go into the model's ``metrics.json``.
 
-Two kinds of data:
+Two kinds of data (see :mod:`.eval_data` for where the LR inputs come from):
 
-* **paired** — a folder of HR (ground-truth) images. The LR input is either made here, by cropping
-  the HR image to a multiple of the scale and down-sampling it with PIL's bicubic filter (the
-  classic "bicubic ×4" benchmark protocol), or read from ``lr_dir`` (matched by file name without
-  extension, e.g. ``ImageNetBicubicx4/{gt,lq}``). Reported: PSNR/SSIM (Y channel, ``scale``-pixel
-  border cropped), the same for plain bicubic up-sampling as the floor to beat, and LPIPS with pyiqa.
+* **paired** — a folder of HR (ground-truth) images; the LR input is made from each (bicubic ×1/4,
+  or the Real-ESRGAN degradation with a seed) or read from ``lr_dir``. Reported: PSNR/SSIM (Y
+  channel, ``scale``-pixel border cropped), the same for plain bicubic up-sampling as the floor to
+  beat, and LPIPS with pyiqa.
 * **unpaired** — real LR photos with no ground truth (e.g. RealSet65): no-reference metrics only.
 
-Both report the median seconds per image (robust to the first call's warm-up), CLIPIQA / MUSIQ /
-MANIQA / NIQE when pyiqa is installed, and with a ``teacher`` the PSNR between student and teacher
-outputs for the same input and seed (how closely the one-step student follows the teacher).
+Both report NIQE of the output and of bicubic up-sampling (images too small for NIQE are left out of
+its mean and named in ``niqe_skipped``), the median seconds per image (robust to the first call's
+warm-up), CLIPIQA / MUSIQ / MANIQA when pyiqa is installed, and with a ``teacher`` the PSNR between
+student and teacher outputs for the same input and seed (how closely the one-step student follows
+the teacher).
 """
 
 from __future__ import annotations
@@ -25,28 +26,31 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 from model.device import resolve_device, resolve_dtype
-from model.errors import VPDSRError
-from model.pipeline import SRPipeline, split_alpha
+from model.pipeline import SRPipeline
 from model.registry import Registry
 
-from .data import list_images
-from .metrics import IQAMetrics, psnr_y, ssim_y
+from .eval_data import Degradation, EvalData, Sample
+from .metrics import IQAMetrics, NIQEScorer, psnr_y, ssim_y
 
-# Folder names that say "the ground-truth half of a dataset"; the dataset is then named by the parent.
-_GT_FOLDER_NAMES = {"gt", "hr", "hq", "gt_hr", "target"}
+Row = dict[str, float | None]
+"""One image's metrics by name; None where a metric could not score that image."""
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """One evaluation run: which model, on which data, with which inference settings."""
+    """One evaluation run: which model, on which data, with which inference settings.
+
+    ``seed`` seeds both the sampler and, with ``degrade="realesrgan"``, the LR synthesis."""
 
     model: str
     data: Path
     lr_dir: Path | None = None
     unpaired: bool = False
+    degrade: Degradation = "bicubic"
+    save_lr: Path | None = None
     teacher: str | None = None
     limit: int | None = None
     dataset_name: str | None = None
@@ -59,89 +63,27 @@ class EvalConfig:
     out: Path | None = None
 
     @property
+    def eval_data(self) -> EvalData:
+        return EvalData(self.data, self.lr_dir, self.unpaired, self.degrade, self.seed, self.limit, self.save_lr)
+
+    @property
     def name(self) -> str:
         """Key of this dataset in ``metrics.json``."""
-        if self.dataset_name:
-            return self.dataset_name
-        folder = self.data.resolve()
-        return folder.parent.name if folder.name.lower() in _GT_FOLDER_NAMES else folder.name
+        return self.dataset_name or self.eval_data.name
 
 
-@dataclass(frozen=True)
-class Sample:
-    """One test image: its LR input (a file, or made from ``hr``) and, for paired data, the GT."""
-
-    name: str
-    hr: Path | None
-    lr: Path | None
-
-
-def find_samples(config: EvalConfig) -> list[Sample]:
-    """The images to evaluate, in file-name order, the first ``limit`` of them."""
-    if config.unpaired and config.lr_dir is not None:
-        raise VPDSRError("--lr-dir is for paired data; unpaired data are LR images already")
-    if config.limit is not None and config.limit < 1:
-        raise VPDSRError(f"--limit must be positive, got {config.limit}")
-    paths = _images(config.data)[: config.limit]
-    if config.unpaired:
-        return [Sample(p.stem, None, p) for p in paths]
-    if config.lr_dir is None:
-        return [Sample(p.stem, p, None) for p in paths]
-    lr_by_stem = {p.stem: p for p in _images(config.lr_dir)}
-    missing = [p.name for p in paths if p.stem not in lr_by_stem]
-    if missing:
-        raise VPDSRError(f"no LR image in {config.lr_dir} for {len(missing)} HR image(s), e.g. {missing[0]}")
-    return [Sample(p.stem, p, lr_by_stem[p.stem]) for p in paths]
+def means(rows: list[Row]) -> Row:
+    """Per-metric mean over the images that have the metric (None if none has); ``seconds`` included."""
+    out: Row = {}
+    for key in rows[0]:
+        values = [v for r in rows if (v := r.get(key)) is not None]
+        out[key] = statistics.fmean(values) if values else None
+    return out
 
 
-def _images(folder: Path) -> list[Path]:
-    if not folder.is_dir():
-        raise VPDSRError(f"not a folder of images: {folder}")
-    try:
-        return list_images([folder])
-    except ValueError as exc:
-        raise VPDSRError(str(exc)) from None
-
-
-def read_image(path: Path) -> Image.Image:
-    """An RGB image, or an ``L`` one for greyscale files (the model then answers in greyscale too)."""
-    try:
-        with Image.open(path) as img:
-            image = ImageOps.exif_transpose(img)
-            image.load()
-    except (UnidentifiedImageError, OSError) as exc:
-        raise VPDSRError(f"cannot read {path} as an image: {exc}") from None
-    rgb, grayscale, _ = split_alpha(image)
-    return rgb.convert("L") if grayscale else rgb
-
-
-def load_pair(sample: Sample, scale: int) -> tuple[Image.Image, Image.Image | None]:
-    """(LR input, HR cropped to exactly ``scale`` × the LR size, or None for unpaired data)."""
-    if sample.hr is None:
-        assert sample.lr is not None
-        return read_image(sample.lr), None
-    hr = read_image(sample.hr)
-    if sample.lr is None:
-        hr = hr.crop((0, 0, hr.width - hr.width % scale, hr.height - hr.height % scale))
-        if hr.width == 0 or hr.height == 0:
-            raise VPDSRError(f"{sample.hr} is smaller than the scale factor {scale}")
-        return hr.resize((hr.width // scale, hr.height // scale), Image.Resampling.BICUBIC), hr
-    lr = read_image(sample.lr)
-    width, height = lr.width * scale, lr.height * scale
-    if hr.width < width or hr.height < height:
-        raise VPDSRError(f"{sample.hr} ({hr.width}x{hr.height}) is smaller than {scale}x its LR {sample.lr} "
-                         f"({lr.width}x{lr.height})")
-    return lr, hr.crop((0, 0, width, height))
-
-
-def means(rows: list[dict[str, float]]) -> dict[str, float]:
-    """Per-metric mean over images (``seconds`` included)."""
-    return {k: statistics.fmean(r[k] for r in rows) for k in rows[0]}
-
-
-def finite(value: float) -> float | None:
+def finite(value: float | None) -> float | None:
     """JSON has no infinity (PSNR of identical images): such values are stored as null."""
-    return value if math.isfinite(value) else None
+    return value if value is not None and math.isfinite(value) else None
 
 
 class Evaluator:
@@ -149,6 +91,7 @@ class Evaluator:
 
     def __init__(self, config: EvalConfig, notice: Callable[[str], None] = print) -> None:
         self.config = config
+        self.data = config.eval_data
         self.registry = Registry(config.registry)
         device = resolve_device(config.device)
         dtype = resolve_dtype(config.dtype)
@@ -162,39 +105,43 @@ class Evaluator:
         self.steps = self.pipe.check_steps(config.steps)
         self.device = device
         self.iqa = IQAMetrics.load(device, paired=not config.unpaired, notice=notice)
+        self.niqe = NIQEScorer(border=self.pipe.scale)
 
-    def score(self, sample: Sample) -> dict[str, float]:
+    def score(self, sample: Sample) -> Row:
         """Metrics of one image; keys depend on the data kind and the options."""
-        lr, hr = load_pair(sample, self.pipe.scale)
+        scale = border = self.pipe.scale
+        lr, hr = self.data.load(sample, scale)
         start = time.perf_counter()
         sr = self.pipe(lr, steps=self.steps, seed=self.config.seed, tile=self.config.tile)
-        row = {"seconds": time.perf_counter() - start}
+        row: Row = {"seconds": time.perf_counter() - start}
+        bicubic = lr.resize((lr.width * scale, lr.height * scale), Image.Resampling.BICUBIC)
         if hr is not None:
-            border = self.pipe.scale
-            bicubic = lr.resize(hr.size, Image.Resampling.BICUBIC)
             row |= {
                 "psnr_y": psnr_y(sr, hr, border),
                 "ssim_y": ssim_y(sr, hr, border),
                 "bicubic_psnr_y": psnr_y(bicubic, hr, border),
                 "bicubic_ssim_y": ssim_y(bicubic, hr, border),
             }
+        row |= {"niqe": self.niqe(sr, sample.name), "bicubic_niqe": self.niqe(bicubic, sample.name)}
         if self.teacher is not None:
             reference = self.teacher(lr, seed=self.config.seed, tile=self.config.tile)
             row["teacher_psnr_y"] = psnr_y(sr, reference, self.pipe.scale)
         return row | self.iqa(sr, hr)
 
-    def summary(self, rows: list[dict[str, float]]) -> dict[str, Any]:
+    def summary(self, rows: list[Row]) -> dict[str, Any]:
         """What goes into metrics.json for this dataset: settings, means, median time per image."""
         out: dict[str, Any] = {
             "images": len(rows),
             "paired": not self.config.unpaired,
-            "lr": "bicubic" if self.config.lr_dir is None and not self.config.unpaired else "files",
+            "lr": self.data.lr_kind,
             "steps": self.steps,
             "seed": self.config.seed,
             "device": str(self.device),
             "dtype": self.config.dtype,
             "seconds_per_image": statistics.median(r["seconds"] for r in rows),
         }
+        if self.niqe.skipped:
+            out["niqe_skipped"] = dict(self.niqe.skipped)
         if self.teacher is not None:
             out["teacher"] = f"{self.teacher.name}:{self.teacher.version}"
         out |= {k: finite(v) for k, v in means(rows).items() if k != "seconds"}
@@ -203,7 +150,7 @@ class Evaluator:
 
 def evaluate(config: EvalConfig, print_fn: Callable[[str], None] = print) -> dict[str, Any]:
     """Evaluate, print a table row per image and a mean row, and record the summary in the registry."""
-    samples = find_samples(config)
+    samples = config.eval_data.samples()
     evaluator = Evaluator(config, notice=print_fn)
     table = _Table(print_fn)
     rows = []
@@ -213,6 +160,8 @@ def evaluate(config: EvalConfig, print_fn: Callable[[str], None] = print) -> dic
         rows.append(row)
     summary = evaluator.summary(rows)
     table.row("mean (time: median)", means(rows) | {"seconds": summary["seconds_per_image"]})
+    for name, reason in evaluator.niqe.skipped.items():
+        print_fn(f"note: {name} left out of the NIQE means: {reason}")
 
     entry = evaluator.entry
     evaluator.registry.write_metrics(entry, entry.metrics() | {config.name: summary})
@@ -238,7 +187,7 @@ class _Table:
         self.print_fn = print_fn
         self.columns: list[str] | None = None
 
-    def row(self, name: str, values: dict[str, float]) -> None:
+    def row(self, name: str, values: Row) -> None:
         if self.columns is None:
             self.columns = list(values)
             self.print_fn(f"{'image':<24}" + "".join(f"{c:>16}" for c in self.columns))

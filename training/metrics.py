@@ -6,8 +6,11 @@ from every border; SSIM uses an 11×11 Gaussian window with σ = 1.5 over the va
 That is the convention of the SR literature (and of ResShift/SinSR/VPD-SR's tables), so numbers are
 comparable to published ones.
 
-The no-reference metrics of the papers (CLIPIQA, MUSIQ, MANIQA, NIQE) and LPIPS come from the
-optional ``pyiqa`` package (``pip install 'vpd-sr[iqa]'``); without it they are skipped.
+NIQE (no reference, lower is better) is the project's own (:mod:`.niqe`), so every evaluation has a
+perceptual score on the default path. The other no-reference metrics of the papers (CLIPIQA, MUSIQ,
+MANIQA) and LPIPS come from the optional ``pyiqa`` package (``pip install 'vpd-sr[iqa]'``); without it
+they are skipped. pyiqa is licensed for non-commercial use only (PolyForm Noncommercial), which is why
+nothing needs it.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+from .niqe import ImageTooSmall, niqe
 
 MAX_VALUE = 255.0
 _Y_WEIGHTS = np.array([65.481, 128.553, 24.966]) / 255.0
@@ -92,6 +97,22 @@ def ssim_y(a: Image.Image | np.ndarray, b: Image.Image | np.ndarray, border: int
     return ssim(crop_border(rgb_to_y(a), border), crop_border(rgb_to_y(b), border))
 
 
+class NIQEScorer:
+    """NIQE with ``border`` pixels cropped, for many images: one too small for NIQE scores None and
+    the reason is kept in ``skipped`` (by image name), so a small image never ends a whole run."""
+
+    def __init__(self, border: int = 0) -> None:
+        self.border = border
+        self.skipped: dict[str, str] = {}
+
+    def __call__(self, image: Image.Image, name: str) -> float | None:
+        try:
+            return niqe(image, crop_border=self.border)
+        except ImageTooSmall as exc:
+            self.skipped[name] = str(exc)
+            return None
+
+
 class IQAMetrics:
     """The optional pyiqa metrics: no-reference ones on every output, LPIPS where there is a GT.
 
@@ -99,7 +120,7 @@ class IQAMetrics:
     one-line notice, so an evaluation never fails for want of an optional extra.
     """
 
-    NO_REFERENCE = ("clipiqa", "musiq", "maniqa", "niqe")
+    NO_REFERENCE = ("clipiqa", "musiq", "maniqa")  # NIQE: NIQEScorer
     FULL_REFERENCE = ("lpips",)
 
     def __init__(self, metrics: dict[str, Callable[..., Any]], device: torch.device) -> None:
