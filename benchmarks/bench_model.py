@@ -1,10 +1,11 @@
 """Model-only benchmark: images/s, latency percentiles, peak memory and achieved TFLOP/s.
 
 Runs the full-size architecture (118.59 M Swin-UNet + 55.32 M VQGAN f4, random weights: speed
-does not depend on the values) or any registry model, for every (resolution, batch size), for the
-eager float32 reference path and the optimised path (bf16, channels-last, torch.compile with CUDA
-graphs), plus the 15-step teacher for the speed-up ratio. FLOPs are counted once per shape with
-``torch.utils.flop_counter`` and compared with the bf16 matrix-unit floor.
+does not depend on the values) or any registry model, for every (resolution, batch size), on the
+paths of :data:`PATHS`: the eager float32 reference, eager bf16, and the optimised path (bf16,
+channels-last, torch.compile), plus the 15-step teacher for the speed-up ratio. FLOPs are counted
+once per shape with ``torch.utils.flop_counter`` and compared with the bf16 matrix-unit floor.
+Latency comes from CUDA events on a GPU (the device's clock), after warm-up calls that compile.
 
     python benchmarks/bench_model.py --device cuda --out benchmarks/results/model-h100.json \
         --markdown docs/performance.md
@@ -17,19 +18,25 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from model import ModelConfig, SRPipeline, SwinUNet, VQAutoencoder
 from model.device import resolve_device, resolve_dtype
+from model.pipeline import ImageInput
 
 PEAK_BF16_TFLOPS = 790.0  # dense bf16 matrix throughput reached on the H100/H200 here
+PATHS = ("eager-fp32", "eager-bf16", "optimised", "teacher")
 
 
 @dataclass
@@ -48,9 +55,29 @@ class Row:
     floor_ms_per_image: float
 
 
-def build(args: argparse.Namespace, device: torch.device, **options: object) -> SRPipeline:
-    if args.model:
-        return SRPipeline.from_registry(args.model, args.registry, device=device, **options)  # type: ignore[arg-type]
+@dataclass(frozen=True)
+class Timing:
+    """How long to measure one shape: ``warmup`` calls (compilation, CUDA graph recording), then
+    ``iters`` timed calls, or fewer once ``max_seconds`` have passed (never fewer than ``min_iters``):
+    a batch of 64 float32 images takes seconds, so a fixed count would not fit a device lease."""
+
+    iters: int = 20
+    warmup: int = 3
+    max_seconds: float = float("inf")
+    min_iters: int = 3
+
+
+def path_options(label: str, device: torch.device, compile_mode: str | None, dtype: str = "bfloat16") -> dict[str, object]:
+    """SRPipeline options of a benchmark path; torch.compile only on CUDA (the CPU has no use for it here)."""
+    half = resolve_dtype(dtype)
+    fast = dict(dtype=half, channels_last=True, compile_mode=compile_mode if device.type == "cuda" else None)
+    return {"eager-fp32": dict(dtype=torch.float32), "eager-bf16": dict(dtype=half), "optimised": fast, "teacher": fast}[label]
+
+
+def build(device: torch.device, model: str | None = None, registry: str | Path | None = None, **options: object) -> SRPipeline:
+    """A registry model, or (``model`` None) the full-size architecture with seeded random weights."""
+    if model:
+        return SRPipeline.from_registry(model, registry, device=device, **options)  # type: ignore[arg-type]
     torch.manual_seed(0)
     cfg = ModelConfig()
     unet, vq = SwinUNet.from_config(cfg.unet), VQAutoencoder.from_config(cfg.autoencoder)
@@ -62,22 +89,36 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn: Callable[[], object], device: torch.device, iters: int, warmup: int) -> list[float]:
-    for _ in range(warmup):
+def timed(fn: Callable[[], object], device: torch.device, timing: Timing) -> list[float]:
+    """Seconds of each timed call of ``fn`` after the warm-up calls."""
+    for _ in range(timing.warmup):
         fn()
     sync(device)
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
+    times: list[float] = []
+    started = time.perf_counter()
+    while len(times) < timing.iters:
+        if len(times) >= timing.min_iters and time.perf_counter() - started > timing.max_seconds:
+            break
+        if device.type == "cuda":
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(begin.elapsed_time(end) / 1e3)
+        else:
+            begin_s = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - begin_s)
     return times
 
 
-def count_flops(pipe: SRPipeline, lr: torch.Tensor, noise: torch.Tensor, steps: int) -> float:
+def count_flops(pipe: SRPipeline, resolution: int, steps: int) -> float:
+    """FLOPs of one image (one tile of ``resolution`` LR pixels), on the eager path."""
+    lr = torch.zeros(1, 3, resolution, resolution, device=pipe.device)
+    noise = torch.zeros(1, pipe.config.autoencoder.embed_dim, resolution, resolution, device=pipe.device, dtype=pipe.dtype)
     with FlopCounterMode(display=False) as counter, torch.inference_mode():
-        pipe._tiles_forward(lr.to(pipe.device), noise.to(pipe.device, pipe.dtype), steps)
+        pipe._tiles_forward(lr, noise, steps)
     return float(counter.get_total_flops())
 
 
@@ -86,15 +127,22 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def bench(pipe: SRPipeline, label: str, resolution: int, batch: int, steps: int, args: argparse.Namespace) -> Row:
+def peak_memory_gib(device: torch.device) -> float:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def bench(pipe: SRPipeline, label: str, resolution: int, batch: int, steps: int, flops: float, timing: Timing) -> Row:
+    """Time one (resolution, batch) shape; ``flops`` per image from :func:`count_flops`."""
     device = pipe.device
     lr = torch.rand(batch, 3, resolution, resolution) * 2 - 1
     noise = torch.randn(batch, pipe.config.autoencoder.embed_dim, resolution, resolution)
-    flops = count_flops(pipe, lr[:1], noise[:1], steps)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    times = timed(lambda: pipe.run_tiles(lr, noise, steps), device, args.iters, args.warmup)
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+    reset_peak_memory(device)
+    times = timed(lambda: pipe.run_tiles(lr, noise, steps), device, timing)
     per_batch = statistics.median(times)
     return Row(
         path=label,
@@ -105,7 +153,7 @@ def bench(pipe: SRPipeline, label: str, resolution: int, batch: int, steps: int,
         p50_ms=1e3 * percentile(times, 0.5),
         p95_ms=1e3 * percentile(times, 0.95),
         p99_ms=1e3 * percentile(times, 0.99),
-        peak_mem_gib=peak,
+        peak_mem_gib=peak_memory_gib(device),
         tflop_per_image=flops / 1e12,
         achieved_tflops=flops * batch / per_batch / 1e12,
         floor_ms_per_image=1e3 * flops / (PEAK_BF16_TFLOPS * 1e12),
@@ -114,16 +162,37 @@ def bench(pipe: SRPipeline, label: str, resolution: int, batch: int, steps: int,
 
 def large_image(pipe: SRPipeline, side: int) -> dict[str, float]:
     """A side×side input through the tiled path: wall time and peak GPU memory."""
-    import numpy as np
-
     image = np.random.default_rng(0).integers(0, 255, (side, side, 3), dtype=np.uint8)
-    if pipe.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(pipe.device)
+    reset_peak_memory(pipe.device)
     start = time.perf_counter()
     pipe(image, seed=0)
     sync(pipe.device)
-    peak = torch.cuda.max_memory_allocated(pipe.device) / 2**30 if pipe.device.type == "cuda" else 0.0
-    return {"input_side": side, "seconds": time.perf_counter() - start, "peak_mem_gib": peak}
+    seconds = time.perf_counter() - start
+    return {"side": side, "seconds": seconds, "peak_mem_gib": peak_memory_gib(pipe.device)}
+
+
+def relative_error(reference: SRPipeline, candidate: SRPipeline, image: ImageInput) -> float:
+    """‖candidate − reference‖ / ‖reference‖ over the SR tiles of ``image``, same tiles and noise."""
+    plan = reference.plan(image, seed=0)
+    lr = torch.stack([tile.lr for tile in plan.tiles])
+    noise = torch.stack([tile.noise for tile in plan.tiles])
+    expected = reference.run_tiles(lr, noise)
+    return float((candidate.run_tiles(lr, noise) - expected).norm() / expected.norm())
+
+
+def environment(device: torch.device) -> dict[str, str]:
+    """What the numbers were measured on: device name, NVIDIA driver, CUDA, torch and Python versions."""
+    driver = "none"
+    if device.type == "cuda" and shutil.which("nvidia-smi"):
+        query = ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]
+        driver = (subprocess.run(query, capture_output=True, text=True, check=False).stdout.split() or ["unknown"])[0]
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "driver": driver,
+        "cuda": torch.version.cuda or "none",
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def markdown(rows: list[Row], env: dict[str, str], command: str) -> str:
@@ -148,7 +217,7 @@ def main() -> None:
     parser.add_argument("--registry", default=None)
     parser.add_argument("--resolutions", default="64,128", help="LR tile sizes")
     parser.add_argument("--batch-sizes", default="1,2,4,8,16,32,64")
-    parser.add_argument("--paths", default="eager-fp32,optimised", help="eager-fp32, optimised, teacher")
+    parser.add_argument("--paths", default="eager-fp32,optimised", help=", ".join(PATHS))
     parser.add_argument("--opt-dtype", default="bfloat16")
     parser.add_argument("--compile-mode", default="max-autotune", help="torch.compile mode for the optimised path")
     parser.add_argument("--teacher-steps", type=int, default=15)
@@ -162,20 +231,18 @@ def main() -> None:
     device = resolve_device(args.device)
     resolutions = [int(v) for v in args.resolutions.split(",")]
     batches = [int(v) for v in args.batch_sizes.split(",")]
-    compile_mode = args.compile_mode if device.type == "cuda" else None
-    variants = {
-        "eager-fp32": dict(dtype=torch.float32),
-        "optimised": dict(dtype=resolve_dtype(args.opt_dtype), channels_last=True, compile_mode=compile_mode),
-        "teacher": dict(dtype=resolve_dtype(args.opt_dtype), channels_last=True, compile_mode=compile_mode),
-    }
+    timing = Timing(iters=args.iters, warmup=args.warmup)
     rows: list[Row] = []
     extras: dict[str, object] = {}
+    flops: dict[tuple[int, int], float] = {}
     for label in args.paths.split(","):
-        pipe = build(args, device, **variants[label])
+        pipe = build(device, args.model, args.registry, **path_options(label, device, args.compile_mode, args.opt_dtype))
         steps = args.teacher_steps if label == "teacher" else 1
         for res in resolutions:
+            if (res, steps) not in flops:
+                flops[res, steps] = count_flops(pipe, res, steps)
             for batch in batches:
-                row = bench(pipe, label, res, batch, steps, args)
+                row = bench(pipe, label, res, batch, steps, flops[res, steps], timing)
                 rows.append(row)
                 print(json.dumps(asdict(row)), flush=True)
         if label == "optimised" and args.large_side:
@@ -184,13 +251,8 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    env = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "driver": torch.version.cuda or "none",
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-    }
-    command = "python " + " ".join(["benchmarks/bench_model.py", *__import__("sys").argv[1:]])
+    env = environment(device)
+    command = "python " + " ".join(["benchmarks/bench_model.py", *sys.argv[1:]])
     result = {"environment": env, "command": command, "rows": [asdict(r) for r in rows], **extras}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

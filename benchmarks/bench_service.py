@@ -56,7 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--registry", type=Path, default=Path("registry"))
     p.add_argument("--model", default="vpdsr-small@production")
     p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--dtype", default="auto", help="auto: bfloat16 on CUDA, float32 on the CPU")
+    p.add_argument("--compile", default="off", help="VPDSR_COMPILE: off, default, max-autotune, reduce-overhead")
     p.add_argument("--max-batch-size", type=int, default=8)
     p.add_argument("--max-delay-ms", type=float, default=10)
     p.add_argument("--max-queue", type=int, default=256)
@@ -71,10 +72,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 @contextmanager
 def served(args: argparse.Namespace) -> Iterator[str]:
-    """``vpdsr serve`` in a subprocess on a free port until the block ends."""
+    """``vpdsr serve`` of the arguments' model and settings until the block ends."""
     sys.path.insert(0, str(ROOT))
-    from service.testing import wait_ready
-    from tests.conftest import free_port, save_tiny_model
+    from tests.conftest import save_tiny_model
 
     with tempfile.TemporaryDirectory() as tmp:
         registry, model = args.registry, args.model
@@ -84,36 +84,68 @@ def served(args: argparse.Namespace) -> Iterator[str]:
         elif args.random_model:
             registry, model = Path(tmp), "random@production"
             save_random_model(registry)
-        port = free_port()
-        env = os.environ | {
+        env = {
             "VPDSR_DEVICE": args.device,
             "VPDSR_DTYPE": args.dtype,
+            "VPDSR_COMPILE": args.compile,
             "VPDSR_MAX_BATCH_SIZE": str(args.max_batch_size),
             "VPDSR_MAX_DELAY_MS": str(args.max_delay_ms),
             "VPDSR_MAX_QUEUE": str(args.max_queue),
             "VPDSR_LOG_LEVEL": "warning",
         }
-        command = [str(Path(sys.executable).with_name("vpdsr")), "serve", "--registry", str(registry), "--model", model, "--port", str(port)]
-        process = subprocess.Popen(command, env=env)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            wait_ready(url, lambda: process.poll() is None, timeout=600)
+        with serve_process(registry, model, env) as (url, _):
             yield url
-        finally:
-            process.send_signal(signal.SIGINT)
+
+
+@contextmanager
+def serve_process(
+    registry: Path, model: str, env: dict[str, str], *, log: Path | None = None, timeout: float = 600
+) -> Iterator[tuple[str, float]]:
+    """``vpdsr serve`` in a subprocess on a free port, with ``env`` over this process's environment,
+    until the block ends; yields its URL and the seconds from spawning it to ``/readyz`` 200 (the
+    ready time: imports, model load, warm-up and any compilation). Started as ``python -m
+    model.cli``, the console script's target, so that it needs no installed ``vpdsr`` script.
+    A server still starting when the block is interrupted is stopped all the same."""
+    sys.path.insert(0, str(ROOT))
+    from service.testing import wait_ready
+    from tests.conftest import free_port
+
+    port = free_port()
+    command = [sys.executable, "-m", "model.cli", "serve", "--registry", str(registry), "--model", model, "--port", str(port)]
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    output = open(log, "a") if log else None  # noqa: SIM115 - closed below, after the server
+    process = subprocess.Popen(
+        command, env=os.environ | {"PYTHONPATH": path} | env, cwd=ROOT, stdout=output, stderr=subprocess.STDOUT if output else None
+    )
+    url = f"http://127.0.0.1:{port}"
+    started = time.perf_counter()
+    try:
+        wait_ready(url, lambda: process.poll() is None, timeout=timeout)
+        yield url, time.perf_counter() - started
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
             process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        if output:
+            output.close()
 
 
-def save_random_model(root: Path) -> None:
-    """``random:1`` (alias production): the real architecture with freshly initialised weights."""
+def save_random_model(root: Path, name: str = "random", **config_kw: object) -> None:
+    """``<name>:1`` (alias production): the real architecture with freshly initialised weights;
+    ``config_kw`` replaces fields of ``ModelConfig()`` (``kind``, ``inference_steps``, ``tile_sizes``)."""
+    import dataclasses
+
     import torch
 
     from model import ModelConfig, Registry, SwinUNet, VQAutoencoder
 
     torch.manual_seed(0)
-    config = ModelConfig()
+    config = dataclasses.replace(ModelConfig(), **config_kw)  # type: ignore[arg-type]
     unet, autoencoder = SwinUNet.from_config(config.unet), VQAutoencoder.from_config(config.autoencoder)
-    Registry(root).save("random", "1", config, unet.state_dict(), autoencoder.state_dict(), aliases=("production",))
+    Registry(root).save(name, "1", config, unet.state_dict(), autoencoder.state_dict(), aliases=("production",))
 
 
 def image_bytes(path: Path, resize: str | None) -> tuple[bytes, str]:

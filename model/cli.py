@@ -11,12 +11,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from . import batch
 from .config import ModelConfig
 from .device import DTYPES, resolve_device, resolve_dtype
 from .errors import VPDSRError
@@ -42,26 +44,49 @@ def device_options() -> argparse.ArgumentParser:
 
 
 def upscale(args: argparse.Namespace) -> int:
-    from .pipeline import SRPipeline  # heavy: only for the commands that run the model
+    """Exit status 0 when every input was written or skipped, 2 when any failed (each is reported,
+    and the others still run), as for every other error of the command line."""
+    tasks = batch.plan(args.inputs, args.output, args.format)
+    return 2 if batch.run(tasks, lambda: make_upscaler(args), overwrite=args.overwrite) else 0
 
-    if not args.input.is_file():
-        raise VPDSRError(f"input image not found: {args.input}")
-    try:
-        with Image.open(args.input) as img:
-            image = ImageOps.exif_transpose(img)
-            image.load()
-    except (UnidentifiedImageError, OSError) as exc:
-        raise VPDSRError(f"cannot read {args.input} as an image: {exc}") from None
-    device = resolve_device(args.device)
-    pipe = SRPipeline.from_registry(args.model, Registry(args.registry), device=device, dtype=resolve_dtype(args.dtype))
-    result = pipe(image, steps=args.steps, seed=args.seed, tile=args.tile)
-    if result.mode == "RGBA" and args.output.suffix.lower() in (".jpg", ".jpeg"):
-        result = result.convert("RGB")
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    result.save(args.output)
-    print(f"{args.input} {image.size[0]}x{image.size[1]} -> {args.output} {result.size[0]}x{result.size[1]} "
-          f"({pipe.name}:{pipe.version}, {pipe.check_steps(args.steps)} step(s), {device})")
-    return 0
+
+def make_upscaler(args: argparse.Namespace) -> batch.Upscaler:
+    if args.server is None:
+        return LocalUpscaler(args)
+    from .remote import RemoteUpscaler
+
+    options = {"model": args.model, "steps": args.steps, "seed": args.seed, "tile": args.tile}
+    return RemoteUpscaler(args.server, args.api_key, options)
+
+
+class LocalUpscaler:
+    """The model in this process. Loading it checks ``--steps`` and ``--tile`` too, so that a bad
+    option stops the command before the first image instead of failing every one."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        from .pipeline import SRPipeline  # heavy: only for the commands that run the model
+
+        self.device = resolve_device(args.device)
+        self.pipe = SRPipeline.from_registry(
+            args.model or DEFAULT_MODEL, Registry(args.registry), device=self.device, dtype=resolve_dtype(args.dtype)
+        )
+        self.steps = self.pipe.check_steps(args.steps)
+        self.tile = None if args.tile is None else self.pipe.check_tile(args.tile)
+        self.seed = args.seed
+
+    def __call__(self, source: Path, target: Path, fmt: batch.OutputFormat, progress: batch.Progress) -> batch.Upscaled:
+        try:
+            with Image.open(source) as img:
+                image = ImageOps.exif_transpose(img)
+                image.load()
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
+            raise batch.InputFailed(f"cannot read it as an image: {exc}") from None
+        result = self.pipe(image, steps=self.steps, seed=self.seed, tile=self.tile, progress=progress)
+        if fmt == "jpeg" and result.mode in ("RGBA", "LA"):  # JPEG has no alpha
+            result = result.convert(result.mode[:-1])
+        result.save(target, format=fmt.upper())
+        pipe = self.pipe
+        return batch.Upscaled(result.size, f"{pipe.name}:{pipe.version}, {self.steps} step(s), {self.device}")
 
 
 def import_resshift(args: argparse.Namespace) -> int:
@@ -113,13 +138,23 @@ def registry_copy(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     common, device = common_options(), device_options()
 
-    p = sub.add_parser("upscale", parents=[common, device], help="upscale one image ×4")
-    p.add_argument("input", type=Path)
-    p.add_argument("output", type=Path)
-    p.add_argument("--model", default=DEFAULT_MODEL, help="registry reference: name, name:version or name@alias")
+    p = sub.add_parser("upscale", parents=[common, device], help="upscale images ×4: files, folders or globs")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image file, folder (its images) or quoted glob")
+    p.add_argument("output", type=Path, help="output file (for one input file, e.g. out.png) or output folder")
+    p.add_argument("--model", default=None,
+                   help=f"registry reference: name, name:version or name@alias (default: {DEFAULT_MODEL}; "
+                   "with --server: the served model)")
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's own)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tile", type=int, default=None, help="tile size in LR pixels (default: automatic)")
+    p.add_argument("--format", choices=("png", "jpeg", "webp"), default=None,
+                   help="format of the results in an output folder (default: jpeg for JPEG inputs, else png)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: skip them)")
+    p.add_argument("--server", metavar="URL", default=None,
+                   help="send the images to a running `vpdsr serve` (e.g. http://127.0.0.1:8000) instead of "
+                   "loading the model here")
+    p.add_argument("--api-key", default=os.environ.get("VPDSR_API_KEY"),
+                   help="with --server: the API key, if the server has any (default: $VPDSR_API_KEY)")
     p.set_defaults(handler=upscale)
 
     p = sub.add_parser("import-resshift", parents=[common], help="import official ResShift .pth checkpoints")

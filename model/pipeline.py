@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,14 +134,13 @@ class SRPipeline:
         self.autoencoder = autoencoder.eval().requires_grad_(False).to(self.device, dtype, memory_format=memory_format)
         self.codec = LatentCodec(self.autoencoder, config.diffusion.scale_factor, config.diffusion.sf, memory_format)
         # The eager float32 path stays the reference; compile_mode (e.g. "max-autotune" or, on CUDA,
-        # "reduce-overhead" for CUDA graphs) traces encode→sample→decode once per static tile shape.
-        self._forward = self._tiles_forward
-        if compile_mode is not None:
+        # "reduce-overhead" for CUDA graphs) traces encode→sample→decode per tile size, see _compiled_forward.
+        self.compiled = compile_mode is not None
+        self._forward = self._compiled_forward if self.compiled else self._tiles_forward
+        if self.compiled:
             mode = {"mode": compile_mode} if compile_backend == "inductor" else {}
-            self._forward = torch.compile(  # type: ignore[assignment]
-                self._tiles_forward, backend=compile_backend, dynamic=False, **mode
-            )
-        self.schedule = ResShiftSchedule(config.diffusion)
+            self._compiled = torch.compile(self._tiles_forward, backend=compile_backend, dynamic=False, **mode)
+        self.schedule = ResShiftSchedule(config.diffusion).to(self.device)
         self.scale = config.diffusion.sf
         # Latent pixels per LR pixel (1 for x4 SR with an f4 autoencoder).
         self.latent_scale = self.scale // config.autoencoder.ddconfig.downsample_factor
@@ -240,6 +239,15 @@ class SRPipeline:
         torch.cuda.current_stream(self.device).synchronize()
         return host
 
+    def _compiled_forward(self, lr: Tensor, noise: Tensor, steps: int) -> Tensor:
+        """The compiled function with a symbolic batch size from two tiles up: each tile size then
+        compiles twice (one tile; any batch) rather than once per batch size, which is what bounds
+        the start-up of a server that warms many batch sizes. Sizes stay static otherwise."""
+        if lr.shape[0] > 1:
+            torch._dynamo.maybe_mark_dynamic(lr, 0)
+            torch._dynamo.maybe_mark_dynamic(noise, 0)
+        return self._compiled(lr, noise, steps)
+
     def _tiles_forward(self, lr: Tensor, noise: Tensor, steps: int) -> Tensor:
         z_y = self.codec.encode_lr(lr)
         x0 = sample(self.unet, self.schedule, z_y, lr.to(self.dtype), noise, steps)
@@ -247,9 +255,16 @@ class SRPipeline:
 
     # -- convenience -----------------------------------------------------------------------------
     def __call__(
-        self, image: ImageInput, steps: int | None = None, seed: int | None = None, tile: int | None = None
+        self,
+        image: ImageInput,
+        steps: int | None = None,
+        seed: int | None = None,
+        tile: int | None = None,
+        progress: Callable[[int, int], None] | None = None,
     ) -> Image.Image:
-        """Upscale one image (any size; large ones are tiled, ``max_tile_batch`` tiles at a time)."""
+        """Upscale one image (any size; large ones are tiled, ``max_tile_batch`` tiles at a time).
+        ``progress(tiles done, tiles in total)`` is called after each batch: a big image on a CPU
+        takes minutes, and a progress bar tells the user it is moving."""
         steps = self.check_steps(steps)
         plan = self.plan(image, seed=seed, tile=tile)
         outputs: list[Tensor] = []
@@ -257,21 +272,27 @@ class SRPipeline:
             lr = torch.stack([t.lr for t in batch])
             noise = torch.stack([t.noise for t in batch])
             outputs.extend(self.run_tiles(lr, noise, steps))
+            if progress is not None:
+                progress(len(outputs), len(plan.tiles))
         return plan.assemble(outputs)
 
     def warmup(self, batch_sizes: Sequence[int], steps: int | None = None) -> dict[int, float]:
-        """Run every (tile bucket, batch size) shape once so the first requests pay no start-up cost.
+        """Run every (tile bucket, batch size) shape so the first requests pay no start-up cost.
 
-        Returns the seconds per tile of each bucket, timed on its largest batch (run last, once the
-        smaller ones have paid for allocations): the service's first cost estimate.
+        A compiled model runs each shape twice: the first run compiles, the second records its CUDA
+        graph (``reduce-overhead`` warms a graph up once before it records). Returns the seconds per
+        tile of each bucket, timed on the last run of its largest batch (once the smaller ones have
+        paid for allocations): the service's first cost estimate.
         """
         channels = self.config.autoencoder.embed_dim
+        runs = 2 if self.compiled else 1
         seconds: dict[int, float] = {}
         for tile in self.tile_sizes:
             for batch in sorted(batch_sizes):
                 lr = torch.zeros(batch, 3, tile, tile)
                 noise = torch.zeros(batch, channels, tile * self.latent_scale, tile * self.latent_scale)
-                started = time.perf_counter()
-                self.run_tiles(lr, noise, steps)
+                for _ in range(runs):
+                    started = time.perf_counter()
+                    self.run_tiles(lr, noise, steps)
                 seconds[tile] = (time.perf_counter() - started) / batch
         return seconds

@@ -129,7 +129,7 @@ class Registry:
         versions = self.versions(parsed.name)
         if not versions:
             known = ", ".join(self.names()) or "none"
-            raise ModelNotFound(f"unknown model {parsed.name!r} in registry {self.root} (known: {known})")
+            raise ModelNotFound(f"unknown model {parsed.name!r} (known: {known})")  # no path: servers show this
         aliases = self.aliases(parsed.name)
         if parsed.alias is not None:
             if parsed.alias not in aliases:

@@ -10,6 +10,7 @@ t = T−1.
 
 from __future__ import annotations
 
+import math
 from typing import Protocol
 
 import torch
@@ -39,10 +40,10 @@ def sample(
     """Run the deterministic sampler from the prior x_T = z_y + κ√η_T ε and return x̂0."""
     x = schedule.prior_sample(z_y, noise)
     ts = schedule.timesteps(steps)
-    etas = schedule.etas
+    etas = schedule.eta_values
     for t, s in zip(ts, ts[1:]):
         x0 = predict_x0(unet, schedule, x, t, lq)
-        m = float(torch.sqrt(etas[s] / etas[t]))
-        j = float(etas[s] - torch.sqrt(etas[s] * etas[t]))
+        m = math.sqrt(etas[s] / etas[t])
+        j = etas[s] - math.sqrt(etas[s] * etas[t])
         x = (1 - m - j) * x0 + m * x + j * z_y
     return predict_x0(unet, schedule, x, ts[-1], lq)

@@ -39,6 +39,16 @@ class ResShiftSchedule:
         self.num_steps = cfg.steps
         self.sqrt_etas = torch.tensor(sqrt_eta_schedule(cfg), dtype=torch.float64)
         self.etas = self.sqrt_etas**2
+        # The same values as Python floats, for the sampler's scalar arithmetic: reading a float out
+        # of a tensor inside torch.compile'd code is a graph break (one graph per piece, not per call).
+        self.sqrt_eta_values: list[float] = self.sqrt_etas.tolist()
+        self.eta_values: list[float] = self.etas.tolist()
+
+    def to(self, device: torch.device | str) -> "ResShiftSchedule":
+        """Keep the η tables on ``device`` (the model's): a host tensor looked up inside a compiled
+        CUDA graph would split it around a copy."""
+        self.sqrt_etas, self.etas = self.sqrt_etas.to(device), self.etas.to(device)
+        return self
 
     def _at(self, values: Tensor, t: Tensor, like: Tensor) -> Tensor:
         """values[t] broadcast to ``like`` (one value per batch element)."""
@@ -52,7 +62,7 @@ class ResShiftSchedule:
 
     def prior_sample(self, z_y: Tensor, noise: Tensor) -> Tensor:
         """The start of sampling: x_T = z_y + κ √η_T ε."""
-        return z_y + self.kappa * float(self.sqrt_etas[-1]) * noise
+        return z_y + self.kappa * self.sqrt_eta_values[-1] * noise
 
     def scale_input(self, x: Tensor, t: Tensor) -> Tensor:
         """Normalise x_t to unit-ish variance for the network: x_t / √(κ² η_t + 1)."""

@@ -34,7 +34,7 @@ def relative_position_index(window: int) -> Tensor:
     return d_row * (2 * window - 1) + d_col
 
 
-def shifted_window_mask(height: int, width: int, window: int, shift: int) -> Tensor:
+def shifted_window_mask(height: int, width: int, window: int, shift: int, device: torch.device | None = None) -> Tensor:
     """Additive attention mask of the shifted windows, exactly as ResShift computes it.
 
     Returns ``(num_windows, window*window, window*window)`` float32 holding 0 or ``MASK_VALUE``.
@@ -46,7 +46,7 @@ def shifted_window_mask(height: int, width: int, window: int, shift: int) -> Ten
     into ``j < window - shift`` and ``j >= window - shift`` (the label is read from image row
     ``window_row * window + j``). Reproducing it is required to match the official checkpoints.
     """
-    rows = torch.arange(height)
+    rows = torch.arange(height, device=device)
     # Region of each image row: 0 away from the bottom edge, 1 in the last window minus the
     # wrapped-around band, 2 in the band that the cyclic shift brought over from the top.
     region = (rows >= height - window).long() + (rows >= height - shift).long()
@@ -178,9 +178,13 @@ class SwinBlock(nn.Module):
             return None
         if self.attn_mask is not None and height == width == self.resolution:
             return self.attn_mask
+        if torch.compiler.is_compiling():
+            # Traced into the graph, on the device: filling the cache would be a side effect that
+            # torch.compile guards on, so the next call would compile the same shape a second time.
+            return shifted_window_mask(height, width, self.window, self.shift, device)
         key = (height, width, device)
         if key not in self._mask_cache:
-            self._mask_cache[key] = shifted_window_mask(height, width, self.window, self.shift).to(device)
+            self._mask_cache[key] = shifted_window_mask(height, width, self.window, self.shift, device)
         return self._mask_cache[key]
 
     def forward(self, x: Tensor) -> Tensor:

@@ -31,8 +31,9 @@ def timestep_embedding(timesteps: Tensor, dim: int, max_period: float = 10000.0)
     Frequencies are ``max_period^(-i / (dim // 2))``; an odd ``dim`` is padded with a zero column.
     """
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
-    args = timesteps.float()[:, None] * freqs.to(timesteps.device)[None]
+    # Made on the timesteps' device: a CPU tensor inside a compiled CUDA graph would split it.
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half)
+    args = timesteps.float()[:, None] * freqs[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:
         emb = F.pad(emb, (0, 1))

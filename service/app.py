@@ -3,7 +3,7 @@
 The model loads and warms in the background after start-up, so the server answers ``/healthz``
 at once (liveness) and ``/readyz`` says 503 until the model is warm (readiness); upscale
 requests meanwhile get 503 ``not_ready``. A model that fails to load leaves the server up with
-``/readyz`` reporting why, rather than crash-looping without a message.
+``/readyz`` reporting ``failed`` (the log says why), rather than crash-looping.
 """
 
 from __future__ import annotations
@@ -15,11 +15,14 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from .body_timeout import BodyTimeoutMiddleware
 from .engine import Engine, EngineState
 from .errors import install_error_handlers
 from .jobs.install import install_jobs, start_consuming
+from .jobs.runtime import JobSystem
+from .methods import HeadAsGetMiddleware
 from .metrics import Metrics, RequestMetricsMiddleware
-from .routes import health, models, upscale
+from .routes import health, models, upscale, web
 from .schemas import CheckResult
 from .settings import Settings
 
@@ -33,33 +36,68 @@ behind the scenes; a full queue answers 429 with `Retry-After`. See docs/service
 """
 
 
+class BackgroundWork:
+    """What the API does besides answering requests: load the model, then consume jobs.
+
+    Stopping has two steps. :meth:`stop_taking_work` runs the moment exit is requested (see
+    :class:`service.server.Server`), before uvicorn waits for connections to drain: a stalled
+    upload can hold that drain for ``shutdown_timeout_s``, and a consumer left running meanwhile
+    takes new jobs it will not finish. :meth:`stop` runs in the lifespan's shutdown, after the
+    drain: the jobs in hand get what is left of their grace period, then the engine stops.
+    """
+
+    def __init__(self, engine: Engine, jobs: JobSystem, settings: Settings) -> None:
+        self.engine = engine
+        self.jobs = jobs
+        self.settings = settings
+        self._loading: asyncio.Task[None] | None = None
+        self._consumer_stopped: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self.jobs.start()
+        self._loading = asyncio.create_task(self._load(), name="vpdsr-load-model")
+
+    async def _load(self) -> None:
+        try:
+            await self.engine.start()
+        except Exception:
+            log.exception("could not load model %s from %s", self.settings.model, self.settings.registry)
+            return
+        start_consuming(self.jobs, self.engine, self.settings)
+
+    def stop_taking_work(self) -> None:
+        """Stop loading the model and taking jobs, now; jobs in hand keep running (idempotent)."""
+        if self._loading is not None:
+            self._loading.cancel()
+        consumer = self.jobs.consumer
+        if consumer is not None and self._consumer_stopped is None:
+            grace_s = self.jobs.config.shutdown_grace_s
+            self._consumer_stopped = asyncio.create_task(consumer.stop(grace_s), name="vpdsr-stop-consuming")
+
+    async def stop(self) -> None:
+        self.stop_taking_work()
+        if self._consumer_stopped is not None:
+            await self._consumer_stopped
+        await self.jobs.stop()
+        await self.engine.stop()
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     metrics = Metrics()
     engine = Engine(settings, metrics)
 
-    async def start_engine() -> None:
-        try:
-            await engine.start()
-        except Exception:
-            log.exception("could not load model %s from %s", settings.model, settings.registry)
-            return
-        start_consuming(jobs, engine, settings)
-
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        await jobs.start()
-        loading = asyncio.create_task(start_engine(), name="vpdsr-load-model")
+        await background.start()
         try:
             yield
         finally:
-            loading.cancel()
-            await jobs.stop()
-            await engine.stop()
+            await background.stop()
 
     async def model_ready() -> CheckResult:
-        state = engine.state.value + (f": {engine.error}" if engine.error else "")
-        return CheckResult(ok=engine.state is EngineState.READY, state=state)
+        # The state only: /readyz is unauthenticated, and a load error can name files.
+        return CheckResult(ok=engine.state is EngineState.READY, state=engine.state.value)
 
     app = FastAPI(title="VPD-SR", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.settings = settings
@@ -68,7 +106,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.readiness = {"model": model_ready}
     install_error_handlers(app)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
-    for module in (upscale, models, health):
+    app.add_middleware(BodyTimeoutMiddleware, idle_s=settings.body_idle_timeout_s, total_s=settings.body_timeout_s)
+    app.add_middleware(HeadAsGetMiddleware, router=app.router)  # outermost: metrics see HEAD as the GET it runs
+    for module in (upscale, models, health, web):
         app.include_router(module.router)
     jobs = install_jobs(app, settings, metrics)
+    background = BackgroundWork(engine, jobs, settings)
+    app.state.background = background
     return app

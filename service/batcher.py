@@ -70,13 +70,18 @@ class Batcher(Generic[R]):
         self.max_delay = max_delay
         # One FIFO per priority and key: (request, tile index).
         self._queues: dict[BatchKey, tuple[deque[tuple[R, int]], ...]] = {}
-        self.depth = 0  # tiles waiting
+        self.waiting = [0 for _ in Priority]  # tiles waiting, per priority
 
-    def add(self, request: R, tiles: int) -> None:
-        """Queue tiles 0..tiles-1 of ``request``."""
+    @property
+    def depth(self) -> int:
+        """Tiles waiting, all priorities."""
+        return sum(self.waiting)
+
+    def add(self, request: R, tiles: range) -> None:
+        """Queue the tiles of ``request`` with these indices (a large job enters in chunks)."""
         queues = self._queues.setdefault(request.key, tuple(deque() for _ in Priority))
-        queues[request.priority].extend((request, i) for i in range(tiles))
-        self.depth += tiles
+        queues[request.priority].extend((request, i) for i in tiles)
+        self.waiting[request.priority] += len(tiles)
 
     def discard(self, request: R) -> int:
         """Drop the request's tiles that are still waiting (cancelled, timed out); how many."""
@@ -87,7 +92,7 @@ class Batcher(Generic[R]):
             dropped += len(queue) - len(kept)
             queue.clear()
             queue.extend(kept)
-        self.depth -= dropped
+        self.waiting[request.priority] -= dropped
         self._prune(request.key)
         return dropped
 
@@ -109,10 +114,10 @@ class Batcher(Generic[R]):
         available = min(sum(len(queue) for queue in queues), self.max_batch)
         size = self.batch_sizes[bisect.bisect_right(self.batch_sizes, available) - 1]
         entries: list[tuple[R, int]] = []
-        for queue in queues:  # in priority order
+        for priority, queue in zip(Priority, queues):  # in priority order
             while queue and len(entries) < size:
                 entries.append(queue.popleft())
-        self.depth -= len(entries)
+                self.waiting[priority] -= 1
         self._prune(key)
         return Batch(key, entries)
 

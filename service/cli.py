@@ -17,9 +17,8 @@ _UVICORN_TO_LOGGING = {"trace": "DEBUG"}
 
 
 def serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from .app import create_app
+    from .server import Server
 
     overrides = {name: getattr(args, name) for name in ("host", "port", "model", "registry")}
     try:
@@ -33,8 +32,12 @@ def serve(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     # One process per GPU: the engine owns the device and batches across all requests of it.
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level, workers=1)
-    return 0
+    server = Server(create_app(settings), settings)
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it handled once it has shut down
+        pass
+    return 0 if server.started else 1
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -6,16 +6,32 @@ with those of other requests, batches run on one dedicated model thread (the eve
 blocks, so health checks and metrics answer under load), and the request's SR tiles are put
 back together (:meth:`TilePlan.assemble`).
 
-Guarantees:
+Admission is by cost, decided from the image size alone before any pixel is planned:
 
-- bounded queue: a request that would push more than ``max_queue`` tiles into the queue is
-  refused at once (:class:`QueueFull`, 429 with ``Retry-After``); background work may use only
-  half of the queue, so jobs never crowd out interactive clients;
-- bounded wait: past its deadline a request gives up — 503 (:class:`QueueTimeout`) if none of
-  its tiles started, 504 (:class:`ComputeTimeout`) otherwise — and its waiting tiles are dropped;
-- a cancelled request (client gone) has its waiting tiles dropped before they cost compute;
+- the engine knows the seconds per tile of each tile bucket (timed at warm-up, then an EWMA of
+  every batch), so it estimates a request's compute as tiles × seconds per tile;
+- an interactive request that could not finish within ``request_timeout_s`` even on an idle
+  server, or that has more tiles than ``max_queue``, is refused at once: 413
+  (:class:`TooLargeForSync`), pointing to ``/v1/jobs`` when Redis is configured;
+- one that could finish, but not behind the interactive tiles already waiting, gets 429
+  (:class:`QueueFull`) with a ``Retry-After`` from the estimate, never above the timeout;
+- background work (jobs) is never refused for being busy: its tiles enter the batcher in chunks
+  while the background share of the queue (half of ``max_queue``) has room, so an image of any
+  size within the pixel limits completes, and the wait is not bounded by a deadline. Interactive
+  tiles always run first. :meth:`Engine.background_ready` lets a job consumer take a job only
+  when there is room for it.
+
+Other guarantees:
+
+- bounded wait: past its deadline an interactive request gives up — 503 (:class:`QueueTimeout`)
+  if none of its tiles started, 504 (:class:`ComputeTimeout`) otherwise — and its waiting tiles
+  are dropped; a cancelled request (client gone) has its waiting tiles dropped before they cost
+  compute;
 - isolation: if a batch fails, its requests are retried one by one, so only the request that
   breaks the model fails.
+- batching: a tile's result does not depend on which other tiles share its batch beyond
+  floating-point reassociation in the kernels, i.e. at most 1 level in 255 per pixel (see
+  docs/service.md, "Reproducibility").
 """
 
 from __future__ import annotations
@@ -34,7 +50,7 @@ from PIL import Image
 from torch import Tensor
 
 from model import Registry, SRPipeline
-from model.device import resolve_device, resolve_dtype
+from model.device import resolve_channels_last, resolve_device, resolve_dtype
 from model.pipeline import Tile, TilePlan
 
 from .batcher import Batch, Batcher, BatchKey, Priority, warm_batch_sizes
@@ -48,6 +64,7 @@ from .errors import (
     QueueFull,
     QueueTimeout,
     ServiceError,
+    TooLargeForSync,
 )
 from .metrics import Metrics
 from .settings import Settings
@@ -97,6 +114,7 @@ class _Work:
     future: asyncio.Future[list[Tensor]]
     outputs: list[Tensor | None] = field(init=False)
     pending: int = field(init=False)
+    waiting: int = 0  # tiles in the batcher now
     started_at: float | None = None
 
     def __post_init__(self) -> None:
@@ -105,11 +123,17 @@ class _Work:
 
 
 def load_pipeline(settings: Settings) -> SRPipeline:
+    """The served model on the path the settings choose. ``auto`` dtype and channels-last follow the
+    device, so one configuration serves fast on a GPU and exactly on a CPU; a compiled model
+    compiles during :meth:`SRPipeline.warmup`, before ``/readyz`` turns ready."""
+    device = resolve_device(settings.device)
     return SRPipeline.from_registry(
         settings.model,
         Registry(settings.registry),
-        device=resolve_device(settings.device),
-        dtype=resolve_dtype(settings.dtype),
+        device=device,
+        dtype=resolve_dtype(settings.dtype, device),
+        channels_last=resolve_channels_last(settings.channels_last, device),
+        compile_mode=None if settings.compile == "off" else settings.compile,
     )
 
 
@@ -129,9 +153,11 @@ class Engine:
         self._batcher: Batcher[_Work] = Batcher(self.batch_sizes, settings.max_delay_ms / 1000)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vpdsr-model")
         self._wake = asyncio.Event()
+        self._room = asyncio.Condition()  # notified whenever tiles leave the batcher
         self._works: set[_Work] = set()
         self._scheduler: asyncio.Task[None] | None = None
-        self._tile_seconds = 1.0  # model seconds per tile, refined by every batch (Retry-After)
+        self._tile_seconds: dict[BatchKey, float] = {}  # timed at warm-up, then an EWMA of every batch
+        self._planning = (0, 0.0)  # (tiles, seconds) of admitted interactive requests being planned
         metrics.queue_depth.set_function(lambda: self._batcher.depth)
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -141,26 +167,30 @@ class Engine:
         try:
             pipe = await loop.run_in_executor(self._executor, self._load)
             started = time.perf_counter()
-            await loop.run_in_executor(self._executor, pipe.warmup, self.batch_sizes)
+            warm = await loop.run_in_executor(self._executor, pipe.warmup, self.batch_sizes)
             warm_seconds = time.perf_counter() - started
         except Exception as exc:
             self.state, self.error = EngineState.FAILED, f"{type(exc).__name__}: {exc}"
+            await self._notify_room()  # background_ready() waiters get their NotReady
             raise
         if self.state is EngineState.STOPPED:
             return
-        self._tile_seconds = warm_seconds / (len(pipe.tile_sizes) * sum(self.batch_sizes))
+        self._tile_seconds = {(tile, pipe.config.inference_steps): seconds for tile, seconds in warm.items()}
         self.pipeline = pipe
         self.metrics.set_model(pipe.name, pipe.version, pipe.device, pipe.dtype)
         self._scheduler = asyncio.create_task(self._schedule(), name="vpdsr-batcher")
         self.state = EngineState.READY
+        await self._notify_room()
         log.info(
-            "serving %s:%s on %s (%s); warmed tiles %s × batches %s in %.1f s",
+            "serving %s:%s on %s (%s); warmed tiles %s × batches %s in %.1f s; seconds per tile %s",
             pipe.name, pipe.version, pipe.device, pipe.dtype, pipe.tile_sizes, self.batch_sizes, warm_seconds,
+            {tile: round(seconds, 4) for tile, seconds in warm.items()},
         )
 
     async def stop(self) -> None:
         """Stop batching and fail whatever is still waiting (the server is going away)."""
         self.state = EngineState.STOPPED
+        await self._notify_room()
         if self._scheduler is not None:
             self._scheduler.cancel()
             await asyncio.gather(self._scheduler, return_exceptions=True)
@@ -199,8 +229,24 @@ class Engine:
         return pipe, steps, scale
 
     def retry_after(self) -> float:
-        """Seconds until the tiles waiting now should be done: the back-off to suggest."""
-        return self._batcher.depth * self._tile_seconds
+        """Seconds until the tiles waiting now should be done: the back-off to suggest, capped at
+        the request timeout (a client is never told to wait longer than a request may take)."""
+        seconds = sum(self._queued_seconds(priority) for priority in Priority)
+        return min(seconds, self.settings.request_timeout_s)
+
+    def estimate(self, width: int, height: int, options: UpscaleOptions = UpscaleOptions()) -> tuple[int, float]:
+        """(tiles, model seconds) of upscaling a ``width``×``height`` image alone: sizes only, no pixels."""
+        pipe, steps, _ = self.resolve_options(options)
+        grid = pipe.layout(width, height, options.tile)
+        tiles = len(grid.boxes)
+        return tiles, tiles * self._seconds_per_tile((grid.tile, steps))
+
+    async def background_ready(self) -> None:
+        """Return once the model is ready and the background share of the queue has room: a job
+        consumer awaits this before it takes a job, so jobs wait in Redis, not in memory."""
+        async with self._room:
+            await self._room.wait_for(lambda: self.state is not EngineState.LOADING and self._background_room() > 0)
+        self.ready_pipeline()  # failed or stopped: NotReady
 
     async def upscale(
         self,
@@ -210,18 +256,31 @@ class Engine:
         priority: Priority = Priority.INTERACTIVE,
         deadline: float | None = None,
     ) -> UpscaleResult:
-        """Upscale one image; ``deadline`` is a ``time.monotonic()`` value (None: no limit)."""
+        """Upscale one image; ``deadline`` is a ``time.monotonic()`` value (None: no limit).
+
+        Interactive requests are admitted by estimated cost (413 / 429) before planning; background
+        work is never refused for load and enters the batcher chunk by chunk.
+        """
         pipe, steps, scale = self.resolve_options(options)
         seed = random.randrange(SEED_LIMIT) if options.seed is None else options.seed
-        self._admit(1, priority)  # cheap early refusal before planning when clearly full
-        plan = await asyncio.to_thread(pipe.plan, image, seed, options.tile)
-        self._admit(len(plan.tiles), priority)
+        cost = self.estimate(image.width, image.height, options) if priority is Priority.INTERACTIVE else (0, 0.0)
+        self._admit(*cost)
+        # Admitted interactive work holds its place while it is planned, so a burst of requests
+        # cannot all pass admission before any of them reaches the batcher.
+        self._planning = (self._planning[0] + cost[0], self._planning[1] + cost[1])
+        try:
+            plan = await asyncio.to_thread(pipe.plan, image, seed, options.tile)
+        finally:
+            self._planning = (self._planning[0] - cost[0], self._planning[1] - cost[1])
 
         loop = asyncio.get_running_loop()
         work = _Work((plan.tile_size, steps), priority, time.monotonic(), plan.tiles, loop.create_future())
-        self._batcher.add(work, len(work.tiles))
         self._works.add(work)
-        self._wake.set()
+        feeder = asyncio.create_task(self._feed(work), name="vpdsr-feed") if priority is Priority.BACKGROUND else None
+        if feeder is None:
+            self._batcher.add(work, range(len(work.tiles)))
+            work.waiting = len(work.tiles)
+            self._wake.set()
         try:
             async with asyncio.timeout(None if deadline is None else deadline - time.monotonic()):
                 outputs = await work.future
@@ -230,8 +289,12 @@ class Engine:
                 raise QueueTimeout("the request could not start before its timeout", self.retry_after()) from None
             raise ComputeTimeout("the request did not finish before its timeout") from None
         finally:
+            if feeder is not None:
+                feeder.cancel()
             self._batcher.discard(work)
+            work.waiting = 0
             self._works.discard(work)
+            await self._notify_room()
         assert work.started_at is not None
         result = await asyncio.to_thread(_finish, plan, outputs, scale)
         queue_seconds = work.started_at - work.enqueued_at
@@ -240,21 +303,70 @@ class Engine:
         self.metrics.compute.observe(compute_seconds)
         return UpscaleResult(result, seed, steps, queue_seconds, compute_seconds, pipe.name, pipe.version)
 
-    def _admit(self, tiles: int, priority: Priority) -> None:
-        limit = self.settings.max_queue if priority is Priority.INTERACTIVE else max(1, self.settings.max_queue // 2)
-        depth = self._batcher.depth
-        # An image larger than the whole queue still gets in when the queue is empty.
-        if depth and depth + tiles > limit:
-            raise QueueFull(
-                f"queue full: {depth} tiles waiting, this image needs {tiles} (limit {limit}); retry later",
-                self.retry_after(),
+    def _admit(self, tiles: int, seconds: float) -> None:
+        """Refuse an interactive request that cannot finish in time (413) or not behind the queue (429).
+        Background work (cost 0) is always admitted: it waits for room in :meth:`_feed`."""
+        if tiles == 0:
+            return
+        limit = self.settings.request_timeout_s
+        if tiles > self.settings.max_queue or seconds > limit:
+            where = "submit it to POST /v1/jobs" if self.settings.redis_url else "send a smaller image"
+            raise TooLargeForSync(
+                f"this image needs {tiles} tiles, about {seconds:.0f} s of compute on this server, more than a "
+                f"synchronous request may take ({limit:.0f} s, {self.settings.max_queue} tiles); {where}"
             )
+        waiting = self._batcher.waiting[Priority.INTERACTIVE] + self._planning[0]
+        ahead = self._queued_seconds(Priority.INTERACTIVE) + self._planning[1]
+        if waiting + tiles > self.settings.max_queue or ahead + seconds > limit:
+            raise QueueFull(
+                f"busy: {waiting} tiles (about {ahead:.0f} s) are waiting ahead of this image's {tiles}; retry later",
+                min(limit, max(1.0, ahead + seconds - limit)),
+            )
+
+    async def _feed(self, work: _Work) -> None:
+        """Put background work's tiles into the batcher chunk by chunk, as the background share of
+        the queue frees up (interactive work, admitted by cost, goes in whole)."""
+        total, added = len(work.tiles), 0
+        while added < total:
+            async with self._room:
+                await self._room.wait_for(lambda: self._background_room() > 0)
+                chunk = min(total - added, self._background_room())
+                self._batcher.add(work, range(added, added + chunk))
+                work.waiting += chunk
+            added += chunk
+            self._wake.set()
+
+    def _background_room(self) -> int:
+        """Tiles the background share of the queue (half of ``max_queue``, at least one) can take now."""
+        share = max(1, self.settings.max_queue // 2)
+        return share - self._batcher.waiting[Priority.BACKGROUND]
+
+    async def _notify_room(self) -> None:
+        async with self._room:
+            self._room.notify_all()
+
+    def _seconds_per_tile(self, key: BatchKey) -> float:
+        """Measured for this (tile, steps) key, else scaled from the warm-up of the model's default steps."""
+        if key in self._tile_seconds:
+            return self._tile_seconds[key]
+        tile, steps = key
+        default_steps = self.pipeline.config.inference_steps if self.pipeline else steps
+        warm = self._tile_seconds.get((tile, default_steps), max(self._tile_seconds.values(), default=1.0))
+        return warm * steps / default_steps
+
+    def _queued_seconds(self, priority: Priority) -> float:
+        """Estimated model seconds of the tiles of ``priority`` waiting in the batcher."""
+        return sum(self._seconds_per_tile(work.key) * work.waiting for work in self._works if work.priority is priority)
 
     # -- the batching loop (event loop) and the model thread -------------------------------------
     async def _schedule(self) -> None:
         while True:
             self._wake.clear()
             batch = self._batcher.pop(time.monotonic())
+            if batch is not None:
+                for work, _ in batch.entries:
+                    work.waiting -= 1
+                await self._notify_room()
             if batch is None:
                 try:
                     async with asyncio.timeout(self._batcher.wait_time(time.monotonic())):
@@ -294,7 +406,9 @@ class Engine:
             return pipe.run_tiles(lr, noise, steps), time.perf_counter() - started
 
         outputs, seconds = await asyncio.get_running_loop().run_in_executor(self._executor, run)
-        self._tile_seconds += _EWMA * (seconds / len(entries) - self._tile_seconds)
+        key = entries[0][0].key
+        estimate = self._seconds_per_tile(key)
+        self._tile_seconds[key] = estimate + _EWMA * (seconds / len(entries) - estimate)
         self.metrics.batch_size.observe(len(entries))
         self.metrics.tiles.inc(len(entries))
         return outputs

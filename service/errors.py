@@ -19,6 +19,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from model.errors import InvalidModelRef, InvalidRequest, ModelNotFound, VPDSRError
 
+from .methods import allowed_methods
+
 log = logging.getLogger("vpdsr.service")
 
 
@@ -51,6 +53,16 @@ class BadRequest(ServiceError):
 
 class Unauthorized(ServiceError):
     status, code = 401, "unauthorized"
+
+
+class RequestTimeout(ServiceError):
+    """The client stopped sending its body (or sent it too slowly): the connection is closed, so
+    that a stalled upload holds neither its buffer nor its connection any longer."""
+
+    status, code = 408, "request_timeout"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"Connection": "close"})
 
 
 class ModelNotLoaded(ServiceError):
@@ -93,6 +105,13 @@ class QueueFull(Overloaded):
     status, code = 429, "queue_full"
 
 
+class TooLargeForSync(ServiceError):
+    """An image whose estimated compute exceeds what a synchronous request may take, even on an
+    idle server: retrying cannot help, an async job can."""
+
+    status, code = 413, "too_large_for_sync"
+
+
 class QueueTimeout(Overloaded):
     """The request's tiles did not start computing before its deadline."""
 
@@ -133,8 +152,9 @@ ERROR_DESCRIPTIONS = {
     400: "corrupt or truncated image of a known format, empty body, malformed multipart form",
     401: "missing or wrong `Authorization: Bearer` API key",
     404: "unknown model reference",
+    408: "the request body stalled for `body_idle_timeout_s`, or took longer than `body_timeout_s`",
     409: "the model exists in the registry but this server serves another one",
-    413: "body over `max_body_bytes`, or image over `max_pixels`",
+    413: "body over `max_body_bytes`, image over `max_pixels`, or too much compute for a synchronous request (`too_large_for_sync`: use `/v1/jobs`)",
     415: "content type is not an image or multipart form, or the bytes are no supported image format",
     422: "invalid option (type, range, steps, tile size, model reference syntax)",
     429: "queue full: retry after `Retry-After` seconds",
@@ -185,7 +205,8 @@ def install_error_handlers(app: FastAPI) -> None:
         if exc.status_code == 404 and message == "Not Found":
             message = f"no such endpoint: {request.url.path}"
         elif exc.status_code == 405:
-            message = f"method {request.method} not allowed here; allowed: {headers.get('allow', 'none')}"
+            headers["Allow"] = ", ".join(allowed_methods(request.app.router, request.scope))
+            message = f"method {request.method} not allowed on {request.url.path}; allowed: {headers['Allow']}"
         return error_response(exc.status_code, code, message, headers)
 
     async def unexpected(_: Request, exc: Exception) -> JSONResponse:

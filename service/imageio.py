@@ -36,6 +36,7 @@ from .errors import (
     ServiceError,
     UnsupportedMediaType,
 )
+from .settings import Settings
 
 log = logging.getLogger("vpdsr.service")
 
@@ -70,6 +71,32 @@ class DecodedImage:
     def default_output(self) -> OutputFormat:
         """JPEG in, JPEG out (a PNG of a photo is needlessly large); PNG otherwise."""
         return "jpeg" if self.format in ("JPEG", "MPO") else "png"
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """What an input image may measure; checked from its header, before any pixel is decoded."""
+
+    max_pixels: int
+    max_side: int
+    max_aspect: float
+
+    @classmethod
+    def of(cls, settings: Settings) -> ImageLimits:
+        return cls(settings.max_pixels, settings.max_side, settings.max_aspect)
+
+    def check(self, width: int, height: int) -> None:
+        """413 for too many pixels; 422 for an extreme shape (a 200000×10 strip is a few KB of PNG)."""
+        if width * height > self.max_pixels:
+            raise PayloadTooLarge(
+                f"image of {width}×{height} = {width * height} pixels exceeds the limit of {self.max_pixels} pixels"
+            )
+        if max(width, height) > self.max_side:
+            raise InvalidParameters(f"image of {width}×{height}: a side exceeds the limit of {self.max_side} pixels")
+        if max(width, height) > self.max_aspect * max(1, min(width, height)):
+            raise InvalidParameters(
+                f"image of {width}×{height}: aspect ratio exceeds the limit of {self.max_aspect:g}:1"
+            )
 
 
 @dataclass(frozen=True)
@@ -139,8 +166,8 @@ def sniff_format(data: bytes) -> tuple[str, ...] | None:
     return next((formats for magic, formats in _SIGNATURES if data.startswith(magic)), None)
 
 
-def decode_image(data: bytes, max_pixels: int) -> DecodedImage:
-    """Untrusted bytes → an upright sRGB image, or a 400 / 413 / 415 error."""
+def decode_image(data: bytes, limits: ImageLimits) -> DecodedImage:
+    """Untrusted bytes → an upright sRGB image, or a 400 / 413 / 415 / 422 error."""
     if not data:
         raise BadRequest("empty body: send the image bytes")
     formats = sniff_format(data)
@@ -153,11 +180,7 @@ def decode_image(data: bytes, max_pixels: int) -> DecodedImage:
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
             image = Image.open(io.BytesIO(data), formats=list(formats))
-            width, height = image.size
-            if width * height > max_pixels:
-                raise PayloadTooLarge(
-                    f"image of {width}×{height} = {width * height} pixels exceeds the limit of {max_pixels} pixels"
-                )
+            limits.check(*image.size)
             found = image.format or kind
             frames = getattr(image, "n_frames", 1)
             image.seek(0)

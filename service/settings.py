@@ -25,7 +25,9 @@ class Settings(BaseSettings):
     registry: Path = Field(Path("registry"), description="model registry folder")
     model: str = Field("vpdsr-small@production", description="registry reference of the model to serve")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto = CUDA when present")
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto = bfloat16 on CUDA, float32 on the CPU"
+    )
 
     # -- HTTP -------------------------------------------------------------------------------------
     host: str = "127.0.0.1"
@@ -33,6 +35,17 @@ class Settings(BaseSettings):
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list, description="comma-separated bearer tokens; empty = no authentication"
+    )
+
+    # -- connections (uvicorn and service/body_timeout.py) ----------------------------------------
+    max_connections: int = Field(
+        64, ge=1, description="open connections beyond which new requests get 503 (uvicorn's limit_concurrency)"
+    )
+    keep_alive_timeout_s: int = Field(5, ge=1, description="an idle keep-alive connection is closed after this")
+    body_idle_timeout_s: float = Field(20, gt=0, description="longest wait for the next chunk of a body (408)")
+    body_timeout_s: float = Field(120, gt=0, description="longest a whole body may take from the request's start (408)")
+    shutdown_timeout_s: int = Field(
+        20, ge=0, description="on SIGTERM, how long open connections may take to finish before they are cut"
     )
 
     # -- dynamic batching and admission -----------------------------------------------------------
@@ -44,6 +57,8 @@ class Settings(BaseSettings):
     # -- input limits -----------------------------------------------------------------------------
     max_body_bytes: int = Field(25 * MB, ge=1)
     max_pixels: int = Field(4096 * 4096, ge=1, description="width × height of the low-resolution input")
+    max_side: int = Field(8192, ge=1, description="longest side of the input, in pixels")
+    max_aspect: float = Field(32, ge=1, description="longest side / shortest side of the input")
 
     # -- Redis job queue (service/jobs) -----------------------------------------------------------
     redis_url: str | None = None
@@ -53,6 +68,16 @@ class Settings(BaseSettings):
     job_max_attempts: int = Field(3, ge=1)
     job_stream_maxlen: int = Field(10000, ge=1)
     metrics_port: int = Field(9100, ge=0, le=65535)
+
+    # -- fast path (service.engine.load_pipeline) -------------------------------------------------
+    compile: Literal["off", "default", "max-autotune", "reduce-overhead"] = Field(
+        "off",
+        description="torch.compile mode of the model; reduce-overhead adds CUDA graphs. Compiles at warm-up, "
+        "cached in TORCHINDUCTOR_CACHE_DIR",
+    )
+    channels_last: Literal["auto", "true", "false"] = Field(
+        "auto", description="channels-last memory format; auto = on for CUDA"
+    )
 
     @field_validator("api_keys", mode="before")
     @classmethod

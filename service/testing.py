@@ -13,10 +13,10 @@ from contextlib import contextmanager
 
 import httpx
 import torch
-import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
 from .app import create_app
+from .server import Server
 from .settings import Settings
 
 
@@ -31,10 +31,7 @@ def live_server(settings: Settings, *, torch_threads: int | None = None, ready_t
     previous_threads = torch.get_num_threads()
     if torch_threads is not None:
         torch.set_num_threads(torch_threads)
-    config = uvicorn.Config(
-        create_app(settings), host=settings.host, port=settings.port, log_level="warning", lifespan="on"
-    )
-    server = uvicorn.Server(config)
+    server = Server(create_app(settings), settings, log_level="warning")
     thread = threading.Thread(target=server.run, name=f"uvicorn-{settings.port}", daemon=True)
     thread.start()
     url = f"http://{settings.host}:{settings.port}"

@@ -45,12 +45,14 @@ def tiny_config(kind: str = "student", inference_steps: int = 1) -> ModelConfig:
     return ModelConfig(unet=TINY_UNET, autoencoder=TINY_AUTOENCODER, inference_steps=inference_steps, kind=kind)
 
 
-def save_tiny_model(root: Path, name: str = "tiny", version: str = "1", seed: int = 0, **config_kw: object):
-    """Write a seeded random tiny model into a registry at ``root`` (alias ``production``)."""
+def save_tiny_model(root: Path, name: str = "tiny", version: str = "1", seed: int = 0,
+                    config: ModelConfig | None = None, **config_kw: object):
+    """Write a seeded random tiny model (or one of ``config``) into a registry at ``root`` (alias
+    ``production``)."""
     from model import Registry, SwinUNet, VQAutoencoder
 
     torch.manual_seed(seed)
-    cfg = tiny_config(**config_kw)  # type: ignore[arg-type]
+    cfg = config or tiny_config(**config_kw)  # type: ignore[arg-type]
     unet, vq = SwinUNet.from_config(cfg.unet), VQAutoencoder.from_config(cfg.autoencoder)
     return Registry(root).save(name, version, cfg, unet.state_dict(), vq.state_dict(), aliases=("production",))
 

@@ -111,6 +111,7 @@ def test_submit_poll_and_fetch_result(client: httpx.Client) -> None:
     assert body["status_url"] == f"/v1/jobs/{body['id']}" == response.headers["location"]
     status = wait_state(client, body["id"], "succeeded")
     assert status["attempts"] == 1 and status["error"] is None
+    assert status["wait_s"] >= 0 and status["compute_s"] > 0
     assert status["created_at"] <= status["started_at"] <= status["finished_at"]
     assert status["result_url"] == f"/v1/jobs/{body['id']}/result"
     assert status["result"] | {"size": 0} == {
@@ -152,7 +153,8 @@ def test_idempotency_key_gives_one_job(client: httpx.Client, redis_module: Redis
     assert second.headers["location"] == first.headers["location"]
     assert r.xlen(STREAM) == before + 1, "one stream entry: no duplicate job"
     # The same key for a different request is a client bug, not a silent replay.
-    assert_error(submit(client, png(16, seed=4), key="upload-3"), 422, "idempotency_key_reused")
+    error = assert_error(submit(client, png(16, seed=4), key="upload-3"), 422, "idempotency_key_reused")
+    assert first.json()["id"] not in error["message"], "never echo another request's job id"
     assert_error(submit(client, data, key="x" * 256), 422, "invalid_parameter")
     wait_state(client, first.json()["id"], "succeeded")
     r.close()
@@ -204,7 +206,7 @@ async def test_running_job_cannot_be_cancelled_and_failures_are_reported(
         async def broken(job: JobInput) -> JobOutput:
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
-        await queue.fail(delivery, "job_error", "first attempt lost", retryable=True)
+        await queue.fail(delivery, "fake-worker", "job_error", "first attempt lost", retryable=True)
         consumer = JobConsumer(queue, broken, name="broken", block_ms=100, metrics=JobMetrics(None))
         consumer.start()
         try:
@@ -277,3 +279,41 @@ def test_redis_outage_and_recovery(tiny_registry: Path, redis_server: RedisServe
             time.sleep(0.1)
         wait_state(c, response.json()["id"], "succeeded", timeout=20)  # the consumer reconnected
         assert c.get("/readyz").json()["checks"]["job_queue"]["state"] == "ok"
+
+
+@pytest.fixture(scope="module")
+def keyed(tiny_registry: Path, redis_module: RedisServer) -> Iterator[str]:
+    """An API with two API keys that only queues, on database 2; yields its base URL."""
+    url = redis_module.url.rsplit("/", 1)[0] + "/2"
+    settings = make_settings(tiny_registry, redis_url=url, consume_jobs=False, api_keys="key-a,key-b")
+    with serve(settings) as c:
+        yield str(c.base_url)
+
+
+def test_jobs_belong_to_their_api_key(keyed: str) -> None:
+    """Red team: with API keys on, client B read and cancelled client A's jobs, and a reused
+    Idempotency-Key showed B the id of A's job."""
+    with httpx.Client(base_url=keyed, timeout=30, headers={"Authorization": "Bearer key-a"}) as a, \
+            httpx.Client(base_url=keyed, timeout=30, headers={"Authorization": "Bearer key-b"}) as b:
+        mine = submit(a, png(16, seed=1), key="order-1")
+        assert mine.status_code == 202, mine.text
+        job_id = mine.json()["id"]
+        theirs = submit(b, png(16, seed=2), key="order-1")  # the same key, another client
+        assert theirs.status_code == 202, "a new job of B's own, not a 422 about A's"
+        assert theirs.json()["id"] != job_id and job_id not in theirs.text
+        for response in (b.get(f"/v1/jobs/{job_id}"), b.get(f"/v1/jobs/{job_id}/result"),
+                         b.delete(f"/v1/jobs/{job_id}")):
+            assert_error(response, 404, "job_not_found")
+        assert a.get(f"/v1/jobs/{job_id}").json()["state"] == "queued", "B's DELETE cancelled nothing"
+        assert submit(a, png(16, seed=1), key="order-1").json()["id"] == job_id, "A's key still A's"
+        assert a.delete(f"/v1/jobs/{job_id}").json()["state"] == "cancelled"
+
+
+def test_dangling_idempotency_key_is_not_an_error(idle: httpx.Client, idle_redis: SyncRedis) -> None:
+    """Red team: a key whose job record is gone gave a permanent 500 ('job vanished')."""
+    first = submit(idle, png(16), key="gone").json()["id"]
+    idle_redis.delete(f"vpdsr:job:{first}")
+    again = submit(idle, png(16), key="gone")
+    assert again.status_code == 202, again.text
+    assert again.json()["id"] != first
+    assert submit(idle, png(16), key="gone").json()["id"] == again.json()["id"]

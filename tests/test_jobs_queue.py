@@ -11,14 +11,16 @@ import asyncio
 import time
 from contextlib import asynccontextmanager
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service.jobs.consumer import JobConsumer, JobError, JobInput, JobOutput
 from service.jobs.metrics import JobMetrics
-from service.jobs.queue import DEAD_STREAM, GROUP, INFLIGHT, STREAM, JobQueue, QueueFull, result_key
+from service.jobs.queue import DEAD_STREAM, GROUP, INFLIGHT, STREAM, JobQueue, QueueFull, job_key, result_key
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -82,6 +84,7 @@ async def test_submit_run_and_ack(redis: Redis) -> None:
     assert job is not None
     assert job.attempts == 1 and job.result_content_type == "application/x-test" and job.result_meta == {"attempt": 1}
     assert job.created_at <= job.started_at <= job.finished_at  # type: ignore[operator]
+    assert job.wait_s is not None and job.compute_s is not None and 0 <= job.wait_s + job.compute_s
     assert await queue.result(job.id) == b"olleh"
     assert not await redis.exists(f"vpdsr:job:{job.id}:input"), "input dropped once the result is stored"
     stats = await queue.stats()
@@ -112,7 +115,7 @@ async def test_completing_twice_is_harmless(redis: Redis) -> None:
     second = await queue.complete(delivery, b"two", "image/png")
     assert first.outcome == "succeeded" and second.outcome == "duplicate"
     assert await queue.result(job_id) == b"one"
-    assert (await queue.fail(delivery, "x", "late failure", retryable=True)).outcome == "duplicate"
+    assert (await queue.fail(delivery, "a", "x", "late failure", retryable=True)).outcome == "duplicate"
     assert await state_is(queue, job_id, "succeeded")
 
 
@@ -299,3 +302,157 @@ async def test_consumer_survives_redis_restart(redis_server, redis: Redis) -> No
 
         await wait_for(resubmit, 20)
         assert consumer.connected
+
+
+# -- back-pressure, heartbeat, duplicate-execution guards, ownership (issue 15) --------------------
+async def test_consumer_takes_no_job_until_ready(redis: Redis) -> None:
+    """The ``ready`` hook (the engine's background_ready) is awaited before every read and reclaim:
+    a busy processor leaves new jobs in the stream and a dead worker's job pending."""
+    queue, m = make_queue(redis, visibility_timeout_s=0.2), metrics()
+    orphan = (await queue.submit(b"orphan", None, {})).job.id
+    [delivery] = await queue.read("dead", 1, 10)
+    await queue.start(delivery, "dead")
+    fresh = (await queue.submit(b"fresh", None, {})).job.id
+    room = asyncio.Event()
+    async with running(JobConsumer(queue, echo, ready=room.wait, name="c", metrics=m, block_ms=50,
+                                   reclaim_interval_s=0.05)):
+        await asyncio.sleep(0.6)  # three visibility timeouts
+        assert (await queue.get(fresh)).state == "queued"  # type: ignore[union-attr]
+        assert (await queue.get(orphan)).state == "running"  # type: ignore[union-attr]
+        stats = await queue.stats()
+        assert (stats.length, stats.pending) == (1, 1), "nothing taken while the processor has no room"
+        room.set()
+        await wait_for(lambda: state_is(queue, fresh, "succeeded"))
+        await wait_for(lambda: state_is(queue, orphan, "succeeded"))
+    assert (await queue.get(fresh)).attempts == 1  # type: ignore[union-attr]
+
+
+async def test_stop_does_not_wait_for_readiness(redis: Redis) -> None:
+    queue = make_queue(redis)
+    consumer = JobConsumer(queue, echo, ready=asyncio.Event().wait, name="c", metrics=metrics(), block_ms=50)
+    consumer.start()
+    await asyncio.sleep(0.2)
+    t0 = time.monotonic()
+    await consumer.stop(1)
+    assert time.monotonic() - t0 < 1
+
+
+async def test_long_job_is_not_reclaimed_while_its_worker_lives(redis: Redis) -> None:
+    """A job running five visibility timeouts stays with its live consumer (heartbeat), even with
+    another consumer reclaiming every 50 ms: one run, one attempt, no reclaim."""
+    queue, m = make_queue(redis, visibility_timeout_s=0.3), metrics()
+    runs: list[str] = []
+
+    async def long(job: JobInput) -> JobOutput:
+        runs.append(job.id)
+        await asyncio.sleep(1.5)
+        return await echo(job)
+
+    job_id = (await queue.submit(b"abc", None, {})).job.id
+    async with running(JobConsumer(queue, long, name="a", metrics=m, block_ms=50, reclaim_interval_s=0.05)):
+        await wait_for(lambda: state_is(queue, job_id, "running"))
+        async with running(JobConsumer(queue, long, name="b", metrics=m, block_ms=50, reclaim_interval_s=0.05)):
+            await wait_for(lambda: state_is(queue, job_id, "succeeded"))
+    job = await queue.get(job_id)
+    assert job is not None and job.attempts == 1 and runs == [job_id]
+    assert m.reclaims._value.get() == 0
+
+
+async def test_fail_retried_after_a_lost_reply_runs_the_job_once(redis: Redis) -> None:
+    """Red team: fail() ran in Redis but its reply timed out; the consumer retries it. The retry must
+    not queue the job a second time, else two consumers run it at once."""
+    queue, m = make_queue(redis), metrics()
+    real_fail = queue.fail
+    replies_lost = 0
+
+    async def reply_lost_once(*args: Any, **kwargs: Any) -> Any:
+        nonlocal replies_lost
+        finished = await real_fail(*args, **kwargs)
+        if not replies_lost:
+            replies_lost += 1
+            raise RedisTimeoutError("Timeout reading from socket")
+        return finished
+
+    queue.fail = reply_lost_once  # type: ignore[method-assign]
+    attempts: list[int] = []
+
+    async def flaky(job: JobInput) -> JobOutput:
+        attempts.append(job.attempt)
+        if job.attempt == 1:
+            raise RuntimeError("transient")
+        await asyncio.sleep(0.3)  # long enough for a duplicate to start meanwhile
+        return await echo(job)
+
+    job_id = (await queue.submit(b"abc", None, {})).job.id
+    async with running(JobConsumer(queue, flaky, name="a", metrics=m, block_ms=50)), \
+            running(JobConsumer(queue, flaky, name="b", metrics=m, block_ms=50)):
+        await wait_for(lambda: state_is(queue, job_id, "succeeded"))
+        await asyncio.sleep(0.3)
+    assert replies_lost == 1 and attempts == [1, 2]
+    assert await redis.xlen(STREAM) == 2, "the submission's entry and one retry"
+    assert (await queue.stats()).pending == 0
+
+
+async def test_superseded_entry_never_starts(redis: Redis) -> None:
+    """A second stream entry of one job (as a duplicated fail() used to add) is skipped and acked."""
+    queue = make_queue(redis)
+    job_id = (await queue.submit(b"abc", None, {})).job.id
+    await redis.xadd(STREAM, {"id": job_id})  # a stale duplicate
+    first, second = await queue.read("w", 10, 10)
+    assert (await queue.start(first, "w")).outcome == "run"
+    skipped = await queue.start(second, "w")
+    assert (skipped.outcome, skipped.detail) == ("skip", "superseded")
+    assert (await queue.stats()).pending == 1, "the stale entry is acknowledged"
+
+
+async def test_fail_of_a_job_taken_over_is_ignored(redis: Redis) -> None:
+    """A consumer that lost its job to a reclaim cannot re-queue it under the new owner's feet."""
+    queue = make_queue(redis, visibility_timeout_s=0.05)
+    job_id = (await queue.submit(b"abc", None, {})).job.id
+    [delivery] = await queue.read("slow", 1, 10)
+    await queue.start(delivery, "slow")
+    await asyncio.sleep(0.1)
+    [taken] = (await queue.reclaim("b", 1))[0]
+    assert (await queue.start(taken, "b")).attempt == 2
+    assert (await queue.fail(delivery, "slow", "job_error", "late", retryable=True)).outcome == "not_owner"
+    job = await queue.get(job_id)
+    assert job is not None and job.state == "running" and job.attempts == 2
+    assert await redis.xlen(STREAM) == 1 and (await queue.stats()).pending == 1
+    assert not await queue.touch(delivery, "slow"), "the heartbeat of the old owner stops too"
+    assert await queue.touch(taken, "b")
+
+
+async def test_wait_and_compute_times_are_recorded(redis: Redis) -> None:
+    queue = make_queue(redis)
+
+    async def timed(job: JobInput) -> JobOutput:
+        return JobOutput(b"r", "image/png", waited_s=0.25, compute_s=0.5)
+
+    job_id = (await queue.submit(b"abc", None, {})).job.id
+    await asyncio.sleep(0.2)
+    async with running(JobConsumer(queue, timed, name="c", metrics=metrics(), block_ms=50)):
+        await wait_for(lambda: state_is(queue, job_id, "succeeded"))
+    job = await queue.get(job_id)
+    assert job is not None and job.compute_s == 0.5
+    assert job.wait_s == pytest.approx(job.started_at - job.created_at + 0.25, abs=0.002)  # type: ignore[operator]
+    assert job.wait_s >= 0.45  # type: ignore[operator]
+
+
+async def test_dangling_idempotency_key_is_taken_anew(redis: Redis) -> None:
+    """Red team: a key whose job record is gone gave a permanent 500 ('job vanished')."""
+    queue = make_queue(redis)
+    first = await queue.submit(b"x", None, {}, idempotency="k")
+    await redis.delete(job_key(first.job.id))
+    again = await queue.submit(b"x", None, {}, idempotency="k")
+    assert again.created and again.job.id != first.job.id and again.job.state == "queued"
+    assert (await queue.submit(b"x", None, {}, idempotency="k")).job.id == again.job.id
+
+
+async def test_jobs_and_idempotency_keys_belong_to_their_owner(redis: Redis) -> None:
+    queue = make_queue(redis)
+    mine = await queue.submit(b"x", None, {}, idempotency="k", owner="a" * 64)
+    theirs = await queue.submit(b"y", None, {}, idempotency="k", owner="b" * 64)
+    assert theirs.created and theirs.job.id != mine.job.id and theirs.job.owner == "b" * 64
+    assert await queue.cancel(mine.job.id, "b" * 64) == ("missing", None)
+    assert await queue.cancel(mine.job.id) == ("missing", None)
+    assert await queue.cancel(mine.job.id, "a" * 64) == ("cancelled", None)

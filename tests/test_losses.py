@@ -175,3 +175,19 @@ def test_clip_loss_is_two_for_opposite_embeddings(tiny_clip_config: Path) -> Non
     torch.testing.assert_close(loss.embed(-sr), -loss.embed(sr))
     assert loss(sr, -sr).item() == pytest.approx(2.0, abs=1e-6)
     assert loss(sr, sr).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_adaptive_weight_is_the_ratio_of_gradient_norms_at_the_last_layer() -> None:
+    """VQGAN's balance: weight × GAN gradient has the norm of the reconstruction gradient."""
+    from training.losses import adaptive_weight
+
+    torch.manual_seed(0)
+    last = torch.nn.Conv2d(4, 3, 3, padding=1)
+    out = last(torch.randn(2, 4, 8, 8))
+    rec = (out - torch.randn_like(out)).abs().mean()
+    gan = -(out * 50).mean()  # a discriminator whose logits are on a much larger scale
+    weight = adaptive_weight(rec, gan, last.weight)
+    rec_grad = torch.autograd.grad(rec, last.weight, retain_graph=True)[0]
+    gan_grad = torch.autograd.grad(weight * gan, last.weight)[0]
+    assert not weight.requires_grad
+    assert gan_grad.norm().item() == pytest.approx(rec_grad.norm().item(), rel=1e-3)

@@ -18,7 +18,7 @@ from torch import Tensor
 from model import SRPipeline
 from service.batcher import Batcher, Priority, warm_batch_sizes
 from service.engine import Engine, UpscaleOptions
-from service.errors import ComputeFailed, ComputeTimeout, QueueFull, QueueTimeout
+from service.errors import TooLargeForSync, ComputeFailed, ComputeTimeout, QueueFull, QueueTimeout
 from service.metrics import Metrics
 from service.settings import Settings
 from service.testing import live_server, scrape
@@ -53,10 +53,10 @@ def test_warm_batch_sizes_are_powers_of_two_and_the_maximum() -> None:
 def test_full_batch_goes_at_once_partial_batch_after_the_delay() -> None:
     batcher: Batcher[Req] = Batcher([1, 2, 4], max_delay=0.010)
     a, b = Req(enqueued_at=0.0), Req(enqueued_at=0.001)
-    batcher.add(a, 3)
+    batcher.add(a, range(3))
     assert batcher.pop(now=0.005) is None  # 3 < 4 and younger than the delay
     assert batcher.wait_time(now=0.005) == pytest.approx(0.005)
-    batcher.add(b, 2)
+    batcher.add(b, range(2))
     batch = batcher.pop(now=0.005)  # 5 ≥ 4: a full batch, oldest first, mixing requests
     assert batch is not None and batch.entries == [(a, 0), (a, 1), (a, 2), (b, 0)]
     assert batcher.depth == 1 and batcher.pop(now=0.005) is None
@@ -66,7 +66,7 @@ def test_full_batch_goes_at_once_partial_batch_after_the_delay() -> None:
 
 def test_batches_only_come_in_warmed_sizes() -> None:
     batcher: Batcher[Req] = Batcher([1, 2, 4, 8], max_delay=0)
-    batcher.add(Req(), 7)
+    batcher.add(Req(), range(7))
     assert [len(batcher.pop(now=0).entries) for _ in range(3)] == [4, 2, 1]  # type: ignore[union-attr]
 
 
@@ -74,7 +74,7 @@ def test_only_equal_keys_share_a_batch() -> None:
     batcher: Batcher[Req] = Batcher([1, 2, 4], max_delay=0)
     small, large, more_steps = Req((16, 1)), Req((32, 1)), Req((16, 4))
     for request in (small, large, more_steps):
-        batcher.add(request, 1)
+        batcher.add(request, range(1))
     keys = [batcher.pop(now=1).key for _ in range(3)]  # type: ignore[union-attr]
     assert sorted(keys) == [(16, 1), (16, 4), (32, 1)]
 
@@ -84,9 +84,9 @@ def test_interactive_before_background_and_background_fills_up() -> None:
     background = Req((16, 1), Priority.BACKGROUND, enqueued_at=0.0)
     other_key = Req((32, 1), Priority.BACKGROUND, enqueued_at=0.0)
     interactive = Req((16, 1), Priority.INTERACTIVE, enqueued_at=0.5)
-    batcher.add(background, 3)
-    batcher.add(other_key, 1)
-    batcher.add(interactive, 1)
+    batcher.add(background, range(3))
+    batcher.add(other_key, range(1))
+    batcher.add(interactive, range(1))
     first = batcher.pop(now=1)
     assert first is not None and first.entries == [(interactive, 0), (background, 0), (background, 1), (background, 2)]
     second = batcher.pop(now=1)
@@ -96,8 +96,8 @@ def test_interactive_before_background_and_background_fills_up() -> None:
 def test_discard_drops_only_that_requests_waiting_tiles() -> None:
     batcher: Batcher[Req] = Batcher([1, 2, 4], max_delay=0)
     keep, drop = Req(), Req()
-    batcher.add(keep, 1)
-    batcher.add(drop, 2)
+    batcher.add(keep, range(1))
+    batcher.add(drop, range(2))
     assert batcher.discard(drop) == 2 and batcher.depth == 1
     assert batcher.pop(now=1).entries == [(keep, 0)]  # type: ignore[union-attr]
 
@@ -190,17 +190,69 @@ async def test_cancelled_request_costs_no_compute(tiny_registry: Path, tiny_pipe
         await engine.stop()
 
 
-async def test_bounded_queue_and_background_share(tiny_registry: Path, tiny_pipe: SRPipeline) -> None:
-    pipe = Instrumented(tiny_pipe)
-    engine = await started_engine(tiny_registry, pipe, max_batch_size=2, max_delay_ms=60_000, max_queue=2)
+async def test_background_work_larger_than_the_queue_enters_in_chunks(tiny_registry: Path, tiny_pipe: SRPipeline) -> None:
+    """A job never gets QueueFull: its 25 tiles enter the background half of a 4-tile queue two at a
+    time, and an interactive request sent meanwhile still goes first."""
+    pipe = Instrumented(tiny_pipe, delay=0.02)
+    engine = await started_engine(tiny_registry, pipe, max_batch_size=2, max_delay_ms=0, max_queue=4)
+    most = 0
+
+    async def watch() -> None:
+        nonlocal most
+        while True:
+            most = max(most, engine._batcher.waiting[Priority.BACKGROUND])
+            await asyncio.sleep(0)
+
+    watcher = asyncio.create_task(watch())
     try:
-        first = asyncio.create_task(engine.upscale(image()))  # 1 tile, waits for a second one
-        await until(lambda: engine._batcher.depth == 1)
-        with pytest.raises(QueueFull) as caught:  # background work may fill only half the queue
-            await engine.upscale(image(), UpscaleOptions(seed=1), priority=Priority.BACKGROUND)
-        assert caught.value.status == 429 and caught.value.retry_after >= 1
-        results = await asyncio.gather(first, engine.upscale(image()))  # interactive: admitted, fills the batch
-        assert [r.image.size for r in results] == [(64, 64)] * 2 and pipe.batches == [2]
+        job = asyncio.create_task(engine.upscale(image(width=64, height=64), priority=Priority.BACKGROUND))
+        await until(lambda: len(pipe.batches) >= 2)
+        interactive = await engine.upscale(image())
+        assert not job.done()  # the interactive tile jumped the job's remaining tiles
+        result = await job
+    finally:
+        watcher.cancel()
+        await engine.stop()
+    assert result.image.size == (256, 256) and interactive.image.size == (64, 64)
+    assert sum(pipe.batches) == 25 + 1 and most <= 2
+
+
+async def test_background_ready_waits_for_room(tiny_registry: Path, tiny_pipe: SRPipeline) -> None:
+    pipe = Instrumented(tiny_pipe, delay=0.05)
+    engine = await started_engine(tiny_registry, pipe, max_batch_size=1, max_delay_ms=0, max_queue=2)
+    try:
+        await asyncio.wait_for(engine.background_ready(), 1)  # idle: room at once
+        job = asyncio.create_task(engine.upscale(image(width=64, height=64), priority=Priority.BACKGROUND))
+        await until(lambda: engine._batcher.waiting[Priority.BACKGROUND] == 1)
+        ready = asyncio.create_task(engine.background_ready())
+        await asyncio.sleep(0.01)
+        assert not ready.done() or engine._batcher.waiting[Priority.BACKGROUND] == 0
+        await job
+        await asyncio.wait_for(ready, 1)
+    finally:
+        await engine.stop()
+
+
+async def test_sync_admission_by_estimated_cost(tiny_registry: Path, tiny_pipe: SRPipeline) -> None:
+    """413 at once when even an idle server could not finish in time; 429 with a bounded Retry-After
+    when the interactive queue ahead is too long; both before any tile is planned or computed."""
+    pipe = Instrumented(tiny_pipe, delay=0.2)
+    engine = await started_engine(tiny_registry, pipe, max_batch_size=1, max_delay_ms=0, request_timeout_s=1.0,
+                                  redis_url="redis://127.0.0.1:1/0")
+    try:
+        engine._tile_seconds = {key: 0.2 for key in engine._tile_seconds}
+        assert engine.estimate(64, 64) == (25, pytest.approx(5.0))
+        started = time.monotonic()
+        with pytest.raises(TooLargeForSync) as too_large:
+            await engine.upscale(image(width=64, height=64))
+        assert time.monotonic() - started < 0.5 and pipe.batches == []
+        assert too_large.value.status == 413 and "/v1/jobs" in too_large.value.message
+        ahead = [asyncio.create_task(engine.upscale(image(), UpscaleOptions(seed=i))) for i in range(4)]
+        await until(lambda: len(pipe.batches) == 1)
+        with pytest.raises(QueueFull) as busy:
+            await engine.upscale(image(width=24, height=24))  # 4 tiles = 0.8 s behind 0.6 s of queue
+        assert busy.value.status == 429 and 1 <= busy.value.retry_after <= 1.0 + 1
+        assert all(r.image.size == (64, 64) for r in await asyncio.gather(*ahead))
     finally:
         await engine.stop()
 
@@ -274,3 +326,35 @@ async def test_overload_gets_429_while_health_and_metrics_answer(overloaded_url:
     async with httpx.AsyncClient(base_url=overloaded_url, timeout=60) as client:  # and it recovers
         again = await client.post("/v1/upscale", content=noise_png(16, 16), headers={"content-type": "image/png"})
     assert again.status_code == 200
+
+
+async def test_huge_solid_upload_is_refused_at_once_and_locks_nobody_out(overloaded_url: str) -> None:
+    """Red team: a 58 KB solid 4096² PNG was planned (1.5 s, 480 MB) into 29,241 tiles, and every other
+    client then got 429 with Retry-After ≈ 12,000 s. Now: 413 from its size alone, others unaffected."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (4096, 4096), "grey").save(buffer, "PNG")
+    async with httpx.AsyncClient(base_url=overloaded_url, timeout=60) as client:
+        started = time.monotonic()
+        huge = await client.post("/v1/upscale", content=buffer.getvalue(), headers={"content-type": "image/png"})
+        elapsed = time.monotonic() - started
+        small = await client.post("/v1/upscale", content=noise_png(16, 16), headers={"content-type": "image/png"})
+    assert huge.status_code == 413 and huge.json()["error"]["code"] == "too_large_for_sync", huge.text
+    assert "retry-after" not in huge.headers and elapsed < 5
+    assert small.status_code == 200
+
+
+async def test_results_depend_on_batching_by_at_most_one_level(tiny_registry: Path, tiny_pipe: SRPipeline) -> None:
+    """The guarantee docs/service.md states: the same image, seed and tile size give the same result
+    to within 1 level of 255 whichever requests share its batch (kernels may reassociate sums by batch
+    size), and exactly the same result in the same batch composition."""
+    engine = await started_engine(tiny_registry, Instrumented(tiny_pipe), max_batch_size=8, max_delay_ms=200)
+    inputs = [image(width=24, height=24) if i % 2 else image(width=16, height=16) for i in range(8)]
+    try:
+        alone = [np.asarray((await engine.upscale(im, UpscaleOptions(seed=7))).image, dtype=int) for im in inputs]
+        together = await asyncio.gather(*(engine.upscale(im, UpscaleOptions(seed=7)) for im in inputs))
+        again = await asyncio.gather(*(engine.upscale(im, UpscaleOptions(seed=7)) for im in inputs))
+    finally:
+        await engine.stop()
+    for single, batched, repeat in zip(alone, together, again):
+        assert np.abs(single - np.asarray(batched.image, dtype=int)).max() <= 1
+        assert np.array_equal(np.asarray(batched.image), np.asarray(repeat.image))

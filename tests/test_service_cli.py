@@ -45,7 +45,10 @@ def test_settings_defaults_and_validation(monkeypatch: pytest.MonkeyPatch) -> No
     )
     assert (settings.max_batch_size, settings.max_delay_ms, settings.max_queue) == (8, 10, 256)
     assert settings.api_keys == [] and settings.redis_url is None and settings.metrics_port == 9100
-    for bad in ({"device": "tpu"}, {"dtype": "int8"}, {"max_batch_size": 0}, {"port": 70000}):
+    connections = (settings.max_connections, settings.keep_alive_timeout_s, settings.shutdown_timeout_s)
+    assert connections == (64, 5, 20) and (settings.body_idle_timeout_s, settings.body_timeout_s) == (20, 120)
+    for bad in ({"device": "tpu"}, {"dtype": "int8"}, {"max_batch_size": 0}, {"port": 70000}, {"max_connections": 0},
+                {"body_idle_timeout_s": 0}):
         with pytest.raises(ValidationError):
             Settings(**bad)
 

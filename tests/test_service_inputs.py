@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import struct
+import time
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 from PIL import Image, ImageCms
 
 from service.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
-from service.imageio import decode_image, encode_image
+from service.imageio import ImageLimits, decode_image, encode_image
 from service.settings import Settings
 from service.testing import live_server, scrape
 from tests.conftest import FIXTURES, free_port
@@ -22,6 +23,7 @@ from tests.conftest import FIXTURES, free_port
 PHOTOS = FIXTURES / "service"
 MAX_BODY = 64 * 1024
 MAX_PIXELS = 256 * 256
+LIMITS = ImageLimits(MAX_PIXELS, max_side=4096, max_aspect=32)
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +119,8 @@ REJECTED: list[tuple[str, bytes, str | None, int, str]] = [
     ("PNG header over max_pixels", png_header(1000, 1000), "image/png", 413, "payload_too_large"),
     ("GIF header of 65535x65535", gif_header(65535, 65535), "image/gif", 413, "payload_too_large"),
     ("body over the byte limit", bytes(MAX_BODY + 1), "image/png", 413, "payload_too_large"),
+    ("PNG header of 2000x10 (aspect ratio)", png_header(2000, 10), "image/png", 422, "invalid_parameter"),
+    ("PNG header of 9000x4 (side)", png_header(9000, 4), "image/png", 422, "invalid_parameter"),
     ("multipart without boundary", b"--x\r\n", "multipart/form-data", 400, "bad_request"),
 ]
 
@@ -245,14 +249,14 @@ def test_icc_profile_is_converted_to_srgb() -> None:
         srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
         expected = np.asarray(ImageCms.profileToProfile(raw, profile, srgb, outputMode="RGB"), dtype=int)
         untouched = np.asarray(raw, dtype=int)
-    decoded = np.asarray(decode_image(data, MAX_PIXELS).image, dtype=int)
+    decoded = np.asarray(decode_image(data, LIMITS).image, dtype=int)
     assert np.array_equal(decoded, expected)
     assert np.abs(decoded - untouched).max() > 5  # P3 → sRGB really changed the colours
 
 
 def test_sixteen_bit_is_scaled_not_clipped() -> None:
     ramp = np.array([[0, 257, 32896, 65535]], dtype=np.uint16)
-    decoded = decode_image(encoded(Image.fromarray(ramp), "PNG"), MAX_PIXELS)
+    decoded = decode_image(encoded(Image.fromarray(ramp), "PNG"), LIMITS)
     assert decoded.image.mode == "L"
     assert np.asarray(decoded.image).tolist() == [[0, 1, 128, 255]]
 
@@ -263,10 +267,21 @@ def test_sixteen_bit_is_scaled_not_clipped() -> None:
 )
 def test_decode_errors(data: bytes, error: type[Exception]) -> None:
     with pytest.raises(error):
-        decode_image(data, MAX_PIXELS)
+        decode_image(data, LIMITS)
 
 
 def test_default_output_format_follows_input() -> None:
-    assert decode_image(PHOTO_JPEG, MAX_PIXELS).default_output == "jpeg"
-    assert decode_image(PHOTO_PNG, MAX_PIXELS).default_output == "png"
+    assert decode_image(PHOTO_JPEG, LIMITS).default_output == "jpeg"
+    assert decode_image(PHOTO_PNG, LIMITS).default_output == "png"
     assert Image.open(io.BytesIO(encode_image(rgba_with_gradient(), "webp"))).mode == "RGBA"
+
+
+def test_extreme_shape_is_refused_from_the_header_alone() -> None:
+    """Red team: a 2 KB PNG of 200000×10 was decoded, tiled and computed for a minute, then 504."""
+    from service.errors import InvalidParameters
+    from service.settings import Settings
+
+    started = time.perf_counter()
+    with pytest.raises(InvalidParameters, match="exceeds the limit of 8192"):
+        decode_image(png_header(200_000, 10), ImageLimits.of(Settings()))
+    assert time.perf_counter() - started < 0.5

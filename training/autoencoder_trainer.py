@@ -25,6 +25,7 @@ from . import engine as engine_lib
 from .adversary import Adversary, DiscriminatorSetup
 from .data import DataConfig
 from .engine import Engine, Losses, LossTerm, OptimConfig, RunConfig
+from .losses import adaptive_weight
 from .resampler_init import check as check_resampler
 from .resampler_init import init_as_resampler
 
@@ -41,6 +42,9 @@ class AutoencoderTrainConfig:
     codebook: LossTerm = field(default_factory=LossTerm)
     """Weight of codebook + commitment losses (the commitment β is inside the quantiser)."""
     adversarial: LossTerm = field(default_factory=lambda: LossTerm(enabled=False, weight=0.1))
+    adaptive_weight: bool = False
+    """Scale the adversarial weight by VQGAN's adaptive factor (:func:`training.losses.adaptive_weight`,
+    against the L1 term): ``adversarial.weight`` is then the GAN's share of the force on the decoder."""
     anchor: LossTerm = field(default_factory=lambda: LossTerm(enabled=False, weight=1.0))
     """L1 between the latent and the bicubic ×1/f image (needs embed_dim 3). Off for real models; the
     small CPU-trained demo chain uses it so its latent stays image-like: then z_y ≈ z0 and the
@@ -64,6 +68,8 @@ class AutoencoderTrainConfig:
             raise ValueError("anchor needs an RGB-like latent: autoencoder.embed_dim must be 3")
         if self.init == "resampler":
             check_resampler(self.autoencoder)
+        if self.adaptive_weight and not (self.adversarial.enabled and self.l1.enabled):
+            raise ValueError("adaptive_weight balances the adversarial term against l1: enable both")
 
 
 class AutoencoderTrainer:
@@ -100,9 +106,16 @@ class AutoencoderTrainer:
             terms["anchor"] = cfg.anchor.weight, (net.encode(target).float() - small).abs().mean()
         adversarial = self.adversary is not None and self.adversary.active(step)
         if adversarial:
-            terms["adversarial"] = cfg.adversarial.weight, self.adversary.generator_loss(recon)  # type: ignore[union-attr]
+            gan = self.adversary.generator_loss(recon)  # type: ignore[union-attr]
+            weight = torch.tensor(cfg.adversarial.weight)
+            if cfg.adaptive_weight:
+                net = getattr(self.part.net, "module", self.part.net)
+                weight = weight * adaptive_weight(terms["l1"][1], gan, net.decoder.conv_out.weight)
+            terms["adversarial"] = weight, gan
         total = sum(weight * value for weight, value in terms.values())
         log = {f"loss/{name}": value for name, (_, value) in terms.items()} | {"loss/total": total}
+        if adversarial:
+            log["weight/adversarial"] = terms["adversarial"][0]
         minimise = {KIND: total}
         if adversarial:
             minimise["discriminator"] = log["loss/discriminator"] = self.adversary.discriminator_loss(target, recon)  # type: ignore[union-attr]

@@ -8,6 +8,8 @@ Registered in the ``vpdsr`` command line through the ``vpdsr.commands`` entry-po
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -48,17 +50,24 @@ def write_pairs(in_dir: Path, out_dir: Path, seed: int, count: int | None, crop:
     return count
 
 
+@contextmanager
+def _user_errors() -> Iterator[None]:
+    """Bad paths and unreadable images are user mistakes: one line ``vpdsr: error: …``, exit 2."""
+    try:
+        yield
+    except (OSError, ValueError) as exc:
+        raise VPDSRError(str(exc)) from None
+
+
 def degrade(args: argparse.Namespace) -> int:
-    """The ``vpdsr degrade`` handler: user mistakes become :class:`VPDSRError` (one line, exit 2)."""
+    """The ``vpdsr degrade`` handler."""
     scale = DegradationConfig().scale
     if args.crop % scale or args.crop < 8 * scale:
         raise VPDSRError(f"--crop must be a multiple of {scale} and at least {8 * scale}, got {args.crop}")
     if args.count is not None and args.count < 1:
         raise VPDSRError(f"--count must be positive, got {args.count}")
-    try:
+    with _user_errors():
         count = write_pairs(args.in_dir, args.out_dir, args.seed, args.count, args.crop)
-    except (OSError, ValueError) as exc:
-        raise VPDSRError(str(exc)) from None
     print(f"wrote {count} HR/LR pairs ({args.crop}² → {args.crop // scale}²) to {args.out_dir}")
     return 0
 
@@ -69,10 +78,8 @@ def crops(args: argparse.Namespace) -> int:
 
     if args.size < 32 or args.count < 1:
         raise VPDSRError(f"--size must be at least 32 and --count positive, got {args.size} and {args.count}")
-    try:
+    with _user_errors():
         count = make_crop_bank(args.sources, args.out_dir, args.size, args.count, args.seed)
-    except (OSError, ValueError) as exc:
-        raise VPDSRError(str(exc)) from None
     print(f"wrote {count} crops of {args.size}² to {args.out_dir}")
     return 0
 

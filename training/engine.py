@@ -260,9 +260,7 @@ class Engine:
         window_steps, window_time, tick = 0, 0.0, time.perf_counter()
         try:
             while self.step < run.steps:
-                lrs = self._set_learning_rates()
-                terms, stepping = self._accumulate(objective, batches)
-                terms |= self._optimise(stepping)
+                lrs, terms = self.train_step(objective, batches)
                 for key, value in terms.items():
                     window[key] = window.get(key, 0.0) + value
                 self.step += 1
@@ -285,6 +283,15 @@ class Engine:
             bar.close()
             if log is not None:
                 log.close()
+
+    def train_step(self, objective: Objective, batches: Iterator[Tensor]) -> tuple[dict[str, float], dict[str, Tensor]]:
+        """One optimiser step of every part at :attr:`step` (which the caller advances): learning
+        rates, ``grad_accum`` micro-batches forward and backward, optimisers and EMA copies. Public
+        so that a benchmark times exactly the step that :meth:`fit` runs. Returns the learning
+        rates and the step's logged terms."""
+        lrs = self._set_learning_rates()
+        terms, stepping = self._accumulate(objective, batches)
+        return lrs, terms | self._optimise(stepping)
 
     def _set_learning_rates(self) -> dict[str, float]:
         lrs = {}

@@ -223,6 +223,17 @@ def hinge_d_loss(real_logits: Tensor, fake_logits: Tensor) -> Tensor:
     return F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean()
 
 
+def adaptive_weight(reconstruction: Tensor, adversarial: Tensor, last_layer: Tensor) -> Tensor:
+    """VQGAN's balance of the two (Esser et al. 2021, eq. 7): ‖∇L_rec‖ / (‖∇L_GAN‖ + 10⁻⁴), gradients
+    taken at the decoder's last layer, detached. Times a weight w, the GAN term then pulls on that
+    layer with w × the force of the reconstruction loss, whatever the scale of the discriminator's
+    logits — a fixed weight that is gentle at one stage of training can wreck reconstruction at
+    another."""
+    rec_grad = torch.autograd.grad(reconstruction, last_layer, retain_graph=True)[0]
+    adv_grad = torch.autograd.grad(adversarial, last_layer, retain_graph=True)[0]
+    return (rec_grad.norm() / (adv_grad.norm() + 1e-4)).clamp(max=1e4).detach()
+
+
 def generator_adv_loss(fake_logits: Tensor) -> Tensor:
     """Generator side of the hinge GAN: −mean(D(fake))."""
     return -fake_logits.mean()

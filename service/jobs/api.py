@@ -4,10 +4,14 @@
 validates it the same way before anything is queued, so a bad image or option is a synchronous
 4xx, never a failed job. The upload is stored in Redis as received; a worker (or this process)
 runs it through the same Engine at background priority and stores the encoded result.
+
+Jobs belong to the API key that submitted them (when the server has API keys): another key sees
+404 for them, and Idempotency-Keys are scoped the same way.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -17,12 +21,13 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials
 from pydantic import BaseModel, Field
 
-from ..auth import require_api_key
+from ..auth import bearer, require_api_key
 from ..engine import Engine, EngineState
 from ..errors import ERROR_DESCRIPTIONS, ErrorResponse, InvalidParameters, Overloaded, ServiceError
-from ..imageio import decode_image, read_upload
+from ..imageio import ImageLimits, decode_image, read_upload
 from ..routes.upscale import _REQUEST_BODY, check_options, merge_form_fields
 from ..schemas import UpscaleParams
 from ..settings import Settings
@@ -67,7 +72,7 @@ class JobQueueFull(Overloaded):
 
 def _errors(*statuses: int, extra: dict[int, str] | None = None) -> dict[int | str, dict[str, Any]]:
     descriptions = ERROR_DESCRIPTIONS | {
-        404: "unknown job id, or the job expired (job_ttl_s)",
+        404: "unknown job id, the job expired (job_ttl_s), or it belongs to another API key",
         503: "job queue disabled (`jobs_disabled`: no VPDSR_REDIS_URL) or Redis unreachable "
         "(`jobs_unavailable`, `Retry-After`); POST /v1/upscale still works",
     } | (extra or {})
@@ -104,6 +109,11 @@ class JobStatus(BaseModel):
         None, description="why it failed; on a queued job, why the previous attempt failed"
     )
     result: JobResultInfo | None = None
+    wait_s: float | None = Field(
+        None, description="once succeeded: seconds from submission until the computation of the result started "
+        "(queueing, waiting for capacity, earlier attempts)"
+    )
+    compute_s: float | None = Field(None, description="once succeeded: seconds the model computed the result")
 
 
 def _time(value: float | None) -> datetime | None:
@@ -131,6 +141,8 @@ def status_body(request: Request, job: JobRecord) -> JobStatus:
         attempts=job.attempts,
         error=JobError(code=job.error_code, message=job.error_message or "") if job.error_code else None,
         result=result,
+        wait_s=job.wait_s,
+        compute_s=job.compute_s,
     )
 
 
@@ -149,6 +161,19 @@ def _unavailable(exc: BaseException) -> JobsUnavailable:
         f"the job queue is unavailable (Redis: {exc or type(exc).__name__}); retry later, or use POST /v1/upscale",
         headers={"Retry-After": str(RETRY_AFTER_S)},
     )
+
+
+async def job_owner(
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+) -> str:
+    """Who a request's jobs belong to: the SHA-256 of its API key (checked by ``require_api_key``),
+    or "" when the server has no API keys. Only a hash is stored, never the key."""
+    if not request.app.state.settings.api_keys or credentials is None:
+        return ""
+    return hashlib.sha256(credentials.credentials.encode()).hexdigest()
+
+
+Owner = Annotated[str, Depends(job_owner)]
 
 
 @asynccontextmanager
@@ -175,6 +200,9 @@ router = APIRouter(prefix="/v1", tags=["jobs"], dependencies=[Depends(require_ap
             404: "unknown model reference",
             422: "invalid option, or an `Idempotency-Key` reused for a different request",
             429: "job backlog full (`job_queue_full`): retry after `Retry-After` seconds",
+            503: "job queue disabled (`jobs_disabled`) or Redis unreachable or too slow (`jobs_unavailable`, "
+            "`Retry-After`). A `jobs_unavailable` answer may still have created the job (Redis applied the "
+            "write, its reply was lost): always send an `Idempotency-Key` and resend with the same key",
         }),
     },
     openapi_extra={"requestBody": _REQUEST_BODY},
@@ -182,12 +210,14 @@ router = APIRouter(prefix="/v1", tags=["jobs"], dependencies=[Depends(require_ap
 async def submit_job(
     request: Request,
     params: Annotated[UpscaleParams, Query()],
+    owner: Owner,
     idempotency_key: Annotated[
         str | None,
         Header(
             alias="Idempotency-Key",
-            description="any client-chosen string (1-255 chars): resending it returns the same job "
-            "for job_ttl_s instead of queuing a duplicate",
+            description="any client-chosen string (1-255 chars), e.g. a UUID; always send one: resending "
+            "the request with it (after a timeout or a 503) returns the same job for job_ttl_s instead "
+            "of queuing a duplicate. Scoped to the API key",
         ),
     ] = None,
 ) -> Response:
@@ -199,18 +229,20 @@ async def submit_job(
     upload = await read_upload(request, settings.max_body_bytes)
     options = merge_form_fields(params, upload.fields)
     # Validate now, like /v1/upscale would, so that bad input is a 4xx here and not a failed job.
-    await run_in_threadpool(decode_image, upload.data, settings.max_pixels)
+    await run_in_threadpool(decode_image, upload.data, ImageLimits.of(settings))
     if engine.state is EngineState.READY:  # options need the model (steps, tiles); else the worker checks
         check_options(engine, options)
     stored = options.model_dump(exclude_none=True)
     async with redis_guard():
         try:
-            submitted = await queue.submit(upload.data, None, stored, idempotency=idempotency_key)
+            submitted = await queue.submit(upload.data, None, stored, idempotency=idempotency_key, owner=owner)
         except QueueFull as exc:
             raise JobQueueFull(f"{exc}; retry later", RETRY_AFTER_S) from None
     job = submitted.job
     if not submitted.created and job.fingerprint != fingerprint(upload.data, None, stored):
-        raise IdempotencyKeyReused(f"Idempotency-Key already used for job {job.id} with a different request")
+        # Never name the other job: the key, not the job id, is what the client knows.
+        raise IdempotencyKeyReused("Idempotency-Key already used for a different request (other image or "
+                                   "options); use a new key for a new request")
     body = status_body(request, job)
     return JSONResponse(
         body.model_dump(mode="json"),
@@ -219,10 +251,10 @@ async def submit_job(
     )
 
 
-async def existing_job(queue: JobQueue, job_id: str) -> JobRecord:
-    """The job's record, or 404 when it never existed or its TTL ran out."""
+async def existing_job(queue: JobQueue, job_id: str, owner: str) -> JobRecord:
+    """The owner's job, or 404 when it never existed, its TTL ran out or another API key owns it."""
     job = await queue.get(job_id)
-    if job is None:
+    if job is None or job.owner != owner:
         raise JobNotFound(f"no job {job_id!r}: unknown, or expired")
     return job
 
@@ -234,10 +266,10 @@ async def existing_job(queue: JobQueue, job_id: str) -> JobRecord:
     response_model=JobStatus,
     responses=_errors(401, 404, 503),
 )
-async def get_job(request: Request, job_id: str) -> JobStatus:
+async def get_job(request: Request, job_id: str, owner: Owner) -> JobStatus:
     queue = job_queue(request)
     async with redis_guard():
-        job = await existing_job(queue, job_id)
+        job = await existing_job(queue, job_id, owner)
     return status_body(request, job)
 
 
@@ -253,10 +285,10 @@ async def get_job(request: Request, job_id: str) -> JobStatus:
                                                  "(`job_failed`) or was cancelled (`job_cancelled`)"}),
     },
 )
-async def get_result(request: Request, job_id: str) -> Response:
+async def get_result(request: Request, job_id: str, owner: Owner) -> Response:
     queue = job_queue(request)
     async with redis_guard():
-        job = await existing_job(queue, job_id)
+        job = await existing_job(queue, job_id, owner)
         if job.state in ("queued", "running"):
             raise JobConflict("job_not_ready", f"job {job_id} is {job.state}; poll {job_id} until it succeeded")
         if job.state == "failed":
@@ -276,16 +308,16 @@ async def get_result(request: Request, job_id: str) -> Response:
     response_model=JobStatus,
     responses=_errors(401, 404, 409, 503, extra={409: "the job is already running or finished (`job_not_cancellable`)"}),
 )
-async def cancel_job(request: Request, job_id: str) -> JobStatus:
+async def cancel_job(request: Request, job_id: str, owner: Owner) -> JobStatus:
     queue = job_queue(request)
     system: JobSystem = request.app.state.jobs
     async with redis_guard():
-        outcome, state = await queue.cancel(job_id)
+        outcome, state = await queue.cancel(job_id, owner)
         if outcome == "missing":
             raise JobNotFound(f"no job {job_id!r}: unknown, or expired")
         if outcome == "conflict":
             raise JobConflict("job_not_cancellable", f"job {job_id} is {state}: only a queued job can be cancelled")
         if outcome == "cancelled":
             system.metrics.jobs.labels("cancelled").inc()
-        job = await existing_job(queue, job_id)
+        job = await existing_job(queue, job_id, owner)
     return status_body(request, job)

@@ -9,8 +9,11 @@ Guarantees (see docs/jobs.md):
 - at-least-once: an entry is acknowledged only in the script that stores the job's final state;
   a consumer that dies leaves it pending and another one takes it over with XAUTOCLAIM once it
   has been idle longer than the visibility timeout;
+- a job in hand is never taken over while its consumer lives, however long it runs: a
+  :class:`Heartbeat` resets its entry's idle time every visibility timeout / 3;
 - at most ``concurrency`` jobs are held at once (so a few jobs can share a batch on the Engine,
-  and a crash strands few);
+  and a crash strands few), and none is taken while the optional ``ready`` hook says the
+  processor has no room (back-pressure: jobs wait in Redis, not in a busy worker's memory);
 - Redis going away never kills the loop: it waits with capped, jittered exponential back-off and
   carries on when Redis is back; a finished result is stored with retries until the visibility
   timeout, after which another worker would redo the job anyway;
@@ -58,9 +61,12 @@ class JobOutput:
     data: bytes
     content_type: str
     meta: dict[str, Any] = field(default_factory=dict)
+    waited_s: float = 0.0  # time the attempt waited for capacity before computing
+    compute_s: float | None = None  # None: the attempt's run time after its wait
 
 
 Processor = Callable[[JobInput], Awaitable[JobOutput]]
+Ready = Callable[[], Awaitable[None]]
 
 
 class JobError(Exception):
@@ -93,20 +99,60 @@ class Backoff:
         self.failures = 0
 
 
+class Heartbeat:
+    """Keeps the stream entry of a running job fresh (idle time reset every visibility timeout
+    / 3), so that XAUTOCLAIM takes over only the jobs of dead workers, and tells until when an
+    outcome may still be stored before another worker could have taken the job over."""
+
+    def __init__(self, queue: JobQueue, delivery: Delivery, consumer: str) -> None:
+        self.queue, self.delivery, self.consumer = queue, delivery, consumer
+        self.fresh_until = time.monotonic() + queue.visibility_timeout_s  # delivered just now
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> "Heartbeat":
+        self._task = asyncio.create_task(self._beat(), name=f"job-heartbeat-{self.delivery.job_id}")
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _beat(self) -> None:
+        visibility = self.queue.visibility_timeout_s
+        while True:
+            await asyncio.sleep(visibility / 3)
+            touched_at = time.monotonic()
+            try:
+                kept = await self.queue.touch(self.delivery, self.consumer)
+            except REDIS_DOWN as exc:
+                log.warning("job %s: heartbeat failed (%s)", self.delivery.job_id, exc)
+                continue
+            if not kept:
+                log.warning("job %s: no longer this consumer's running job (taken over, or its stream entry "
+                            "trimmed); heartbeat stopped", self.delivery.job_id)
+                return
+            self.fresh_until = touched_at + visibility
+
+
 class JobConsumer:
     def __init__(
         self,
         queue: JobQueue,
         processor: Processor,
         *,
+        ready: Ready | None = None,
         name: str | None = None,
         concurrency: int = 4,
         block_ms: int = 1000,
         reclaim_interval_s: float | None = None,
         metrics: JobMetrics | None = None,
     ) -> None:
+        """``ready``: awaited before each read or reclaim of jobs; returns once the processor can
+        take more work (the service's ``Engine.background_ready``)."""
         self.queue = queue
         self.processor = processor
+        self.ready = ready
         self.name = name or consumer_name()
         self.concurrency = max(1, concurrency)
         self.block_ms = block_ms
@@ -179,8 +225,14 @@ class JobConsumer:
     async def _consume(self) -> None:
         next_reclaim = 0.0
         while not self._stopping.is_set():
+            if self.concurrency - len(self._tasks) <= 0:
+                await asyncio.wait(list(self._tasks), timeout=self.reclaim_interval_s,
+                                   return_when=asyncio.FIRST_COMPLETED)
+                continue
+            if not await self._until_ready():
+                return
             free = self.concurrency - len(self._tasks)
-            if free > 0 and time.monotonic() >= next_reclaim:
+            if time.monotonic() >= next_reclaim:
                 deliveries, requeued = await self.queue.reclaim(self.name, free)
                 if deliveries or requeued:
                     self.metrics.reclaims.inc(len(deliveries) + requeued)
@@ -190,16 +242,29 @@ class JobConsumer:
                     self._spawn(delivery)
                 # A full batch may mean more are waiting: look again at once.
                 next_reclaim = 0.0 if len(deliveries) == free else time.monotonic() + self.reclaim_interval_s
-                free = self.concurrency - len(self._tasks)
-            if free <= 0:
-                await asyncio.wait(list(self._tasks), timeout=self.reclaim_interval_s,
-                                   return_when=asyncio.FIRST_COMPLETED)
-                continue
+                if deliveries:
+                    continue  # the processor's room changed: ask again before reading
             for delivery in await self.queue.read(self.name, free, self.block_ms):
                 if self._stopping.is_set():  # arrived while stopping: not ours to run any more
                     await self._release(delivery)
                 else:
                     self._spawn(delivery)
+
+    async def _until_ready(self) -> bool:
+        """Wait until the processor can take work (the ``ready`` hook); False if stopped first."""
+        if self.ready is None:
+            return True
+        ready = asyncio.ensure_future(self.ready())
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait({ready, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (ready, stopping):
+                task.cancel()
+            await asyncio.gather(ready, stopping, return_exceptions=True)
+        if not ready.cancelled():
+            ready.result()  # the hook's own failure (e.g. the engine stopped) goes to run()
+        return not self._stopping.is_set()
 
     def _spawn(self, delivery: Delivery) -> None:
         task = asyncio.create_task(self._handle(delivery), name=f"job-{delivery.job_id}")
@@ -225,26 +290,32 @@ class JobConsumer:
             return
 
         job = JobInput(delivery.job_id, started.data, started.content_type, started.options, started.attempt)
-        deadline = time.monotonic() + self.queue.visibility_timeout_s
+        async with Heartbeat(self.queue, delivery, self.name) as beat:
+            await self._run(delivery, job, beat)
+
+    async def _run(self, delivery: Delivery, job: JobInput, beat: Heartbeat) -> None:
+        """One attempt: the processor, then its outcome stored."""
         try:
             output = await self.processor(job)
         except asyncio.CancelledError:
             await self._release(delivery)
             raise
         except JobError as exc:
-            await self._record(delivery, deadline, self.queue.fail, delivery, exc.code, exc.message, retryable=False)
+            await self._record(delivery, beat, self.queue.fail, delivery, self.name, exc.code, exc.message,
+                               retryable=False)
             return
         except Exception as exc:
-            log.exception("job %s: attempt %d failed", delivery.job_id, started.attempt)
+            log.exception("job %s: attempt %d failed", delivery.job_id, job.attempt)
             message = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-            await self._record(delivery, deadline, self.queue.fail, delivery, "job_error", message, retryable=True)
+            await self._record(delivery, beat, self.queue.fail, delivery, self.name, "job_error", message,
+                               retryable=True)
             return
-        await self._record(delivery, deadline, self.queue.complete, delivery, output.data, output.content_type,
-                           output.meta)
+        await self._record(delivery, beat, self.queue.complete, delivery, output.data, output.content_type,
+                           output.meta, waited_s=output.waited_s, compute_s=output.compute_s)
 
-    async def _record(self, delivery: Delivery, deadline: float, fn: Callable[..., Awaitable[Any]],
+    async def _record(self, delivery: Delivery, beat: Heartbeat, fn: Callable[..., Awaitable[Any]],
                       *args: Any, **kwargs: Any) -> None:
-        """Store an outcome, retrying while Redis is away (until another worker would reclaim it)."""
+        """Store an outcome, retrying while Redis is away (until another worker could reclaim it)."""
         backoff = Backoff(0.1, 5.0)
         while True:
             try:
@@ -254,11 +325,11 @@ class JobConsumer:
                 await self._release(delivery)
                 raise
             except REDIS_DOWN as exc:
-                if time.monotonic() >= deadline:
+                if time.monotonic() >= beat.fresh_until:
                     log.error("job %s: could not store the outcome (%s); left pending for another worker",
                               delivery.job_id, exc)
                     return
-                await asyncio.sleep(min(backoff.next(), max(0.0, deadline - time.monotonic())))
+                await asyncio.sleep(min(backoff.next(), max(0.0, beat.fresh_until - time.monotonic())))
         outcome = finished.outcome
         if outcome == "succeeded":
             self.metrics.jobs.labels("succeeded").inc()
@@ -271,7 +342,7 @@ class JobConsumer:
             self._dead_lettered(delivery.job_id, finished.message)
         elif outcome == "retry":
             log.info("job %s: queued again for another attempt", delivery.job_id)
-        else:  # duplicate / missing: another worker finished it first, or it expired
+        else:  # duplicate / missing / stale / not_owner: finished, expired, re-queued or taken over
             log.info("job %s: outcome not stored (%s)", delivery.job_id, outcome)
 
     def _dead_lettered(self, job_id: str, message: str | None) -> None:

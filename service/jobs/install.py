@@ -24,9 +24,9 @@ def install_jobs(app: FastAPI, settings: Settings, metrics: Metrics) -> JobSyste
     async def job_queue_ready() -> CheckResult:
         # Never makes the API unready: synchronous upscales work without Redis. The state says
         # whether async jobs do (ok | unavailable: ...).
+        # /readyz is unauthenticated: never Redis's own error, which names its host and port.
         check = await system.check()
-        detail = f": {check['detail']}" if check.get("detail") else ""
-        return CheckResult(ok=True, state=f"{check['status']}{detail}")
+        return CheckResult(ok=True, state="ok" if check["status"] == "ok" else "unavailable: redis unavailable")
 
     if system.enabled:  # without VPDSR_REDIS_URL there is no queue to report on (/v1/jobs says so)
         app.state.readiness["job_queue"] = job_queue_ready
@@ -37,6 +37,6 @@ def install_jobs(app: FastAPI, settings: Settings, metrics: Metrics) -> JobSyste
 def start_consuming(system: JobSystem, engine: Engine, settings: Settings) -> None:
     """Once the model is warm: consume jobs in this process too, unless VPDSR_CONSUME_JOBS=false."""
     if system.enabled and settings.consume_jobs:
-        from .processor import make_processor
+        from .processor import consume_with_engine
 
-        system.start_consumer(make_processor(engine, settings))
+        consume_with_engine(system, engine, settings)

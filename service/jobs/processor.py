@@ -1,5 +1,11 @@
 """The service's job processor: a stored upload + options → the same result as ``POST /v1/upscale``,
-computed by the same Engine and batcher, at background priority."""
+computed by the same Engine and batcher, at background priority.
+
+A job is never failed for the server being busy: the engine feeds a background image into the
+batcher chunk by chunk as room frees up, without a deadline, and while the model is not ready
+(or the device ran out of memory) the job waits for :meth:`Engine.background_ready` within its
+attempt. Attempts are spent only on real failures.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ from ..routes.upscale import run_upscale
 from ..schemas import UpscaleParams
 from ..settings import Settings
 from .consumer import JobError, JobInput, JobOutput, Processor
+from .runtime import JobSystem
 
 # Service errors that the same input would hit again on any worker: fail the job at once.
 PERMANENT_STATUSES = frozenset({400, 404, 409, 413, 415, 422})
@@ -28,27 +35,30 @@ def make_processor(engine: Engine, settings: Settings) -> Processor:
             params = UpscaleParams.model_validate(job.options)
         except ValidationError as exc:
             raise JobError("invalid_parameter", f"stored options are invalid: {exc}") from None
-        # One attempt may take request_timeout_s (the visibility timeout is validated to exceed it).
-        deadline = time.monotonic() + settings.request_timeout_s
+        began = time.monotonic()
         while True:
+            tried = time.monotonic()
             try:
                 done = await run_upscale(engine, settings, job.data, params, priority=Priority.BACKGROUND,
-                                         deadline=deadline)
+                                         deadline=None)
                 break
             except (Overloaded, NotReady) as exc:
-                # Busy (the background half of the batch queue is full), or the model is not warm
-                # yet: wait within this attempt instead of burning one.
-                wait = exc.retry_after if isinstance(exc, Overloaded) else 1.0
-                remaining = deadline - time.monotonic()
-                if remaining <= wait:
-                    raise
-                await asyncio.sleep(wait)
+                # Out of device memory, or the model is not ready: a wait, not a failed attempt.
+                if isinstance(exc, Overloaded):
+                    await asyncio.sleep(exc.retry_after)
+                await engine.background_ready()
             except ServiceError as exc:
                 if exc.status in PERMANENT_STATUSES:
                     raise JobError(exc.code, exc.message) from None
                 raise
             except VPDSRError as exc:  # the model's own validation (steps, tile, references)
                 raise JobError("invalid_parameter", str(exc)) from None
-        return JobOutput(done.body, done.media_type, done.meta())
+        return JobOutput(done.body, done.media_type, done.meta(), waited_s=tried - began + done.queue_ms / 1000,
+                         compute_s=done.compute_ms / 1000)
 
     return process
+
+
+def consume_with_engine(system: JobSystem, engine: Engine, settings: Settings) -> None:
+    """Consume jobs through ``engine``, taking one only when the engine has room for its tiles."""
+    system.start_consumer(make_processor(engine, settings), ready=engine.background_ready)

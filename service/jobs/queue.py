@@ -8,10 +8,11 @@ Layout (names fixed: the Kubernetes KEDA trigger and the dashboards use the firs
     vpdsr:jobs:inflight        hash stream-entry-id -> job id for entries not yet acknowledged
                                (finds the job of a pending entry that MAXLEN trimming deleted)
     vpdsr:job:<id>             hash: state, created_at, started_at, finished_at, attempts, error_*,
-                               options, input/result metadata, stream_id (current entry), consumer
+                               options, input/result metadata, wait_s, compute_s, owner,
+                               stream_id (current entry), consumer
     vpdsr:job:<id>:input       the uploaded image bytes, as received
     vpdsr:job:<id>:result      the encoded result image
-    vpdsr:jobs:idempotency:<sha256(key)>   job id for an Idempotency-Key
+    vpdsr:jobs:idempotency:<sha256(owner, key)>   job id for an owner's Idempotency-Key
 
 State machine (every transition is one Lua script, so it is atomic and re-running it is
 harmless)::
@@ -27,7 +28,12 @@ harmless)::
 succeeded, failed and cancelled are final: a late or duplicate worker never changes them. A
 stream entry is acknowledged (XACK) in the same script that stores the result or the final
 state, never before, so a worker that dies at any point leaves its entry pending, and
-XAUTOCLAIM hands it to another worker after the visibility timeout.
+XAUTOCLAIM hands it to another worker after the visibility timeout. A live worker keeps its
+entry fresh (``touch``), so only a dead worker's jobs are taken over, however long a job runs.
+
+The job hash's ``stream_id`` names the one live delivery of a job: start, fail, touch and
+requeue act only for that entry, so a superseded entry (a retried ``fail`` whose first reply was
+lost, a re-queued trimmed entry) can never run the job a second time.
 
 Timestamps come from the Redis server's clock (TIME), so workers' clocks do not matter.
 """
@@ -69,9 +75,13 @@ def result_key(job_id: str) -> str:
     return f"{JOB_PREFIX}{job_id}:result"
 
 
-def idempotency_key(key: str) -> str:
-    """Client keys are hashed: any length or character set maps to a short, safe Redis key."""
-    return IDEMPOTENCY_PREFIX + hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
+def idempotency_key(key: str, owner: str = "") -> str:
+    """Client keys are hashed (any length or character set maps to a short, safe Redis key) within
+    their owner's namespace, so two clients' keys never meet. Without an owner (no API keys) the
+    hash is the key's alone, as before owners existed."""
+    digest = hashlib.sha256(f"{owner}\0".encode() if owner else b"")
+    digest.update(key.encode("utf-8", "surrogateescape"))
+    return IDEMPOTENCY_PREFIX + digest.hexdigest()
 
 
 def valid_job_id(job_id: str) -> bool:
@@ -105,12 +115,17 @@ end
 """
 
 # KEYS: job, input, stream, inflight, idempotency ("" = none)
-# ARGV: job_id, ttl_ms, maxlen, group, input, input_content_type, options_json, fingerprint
-# -> {1, id} created | {0, id} existing (idempotency) | {-1, lag} backlog full
+# ARGV: job_id, ttl_ms, maxlen, group, input, input_content_type, options_json, fingerprint, owner,
+#       job key prefix
+# -> {1, job hash} created | {0, job hash} existing (idempotency) | {-1, lag} backlog full
 _SUBMIT = _PRELUDE + """
 if KEYS[5] ~= '' then
   local existing = redis.call('GET', KEYS[5])
-  if existing then return {0, existing} end
+  if existing then
+    -- A key whose job is gone (expired, evicted, deleted) is treated as absent: it is taken anew.
+    local job = redis.call('HGETALL', ARGV[10] .. existing)
+    if #job > 0 then return {0, job} end
+  end
 end
 local maxlen = tonumber(ARGV[3])
 if redis.call('EXISTS', KEYS[3]) == 0 then
@@ -132,20 +147,21 @@ end
 local sid = enqueue(KEYS[3], KEYS[4], maxlen, ARGV[1])
 redis.call('HSET', KEYS[1], 'id', ARGV[1], 'state', 'queued', 'created_at', now(), 'attempts', '0',
            'options', ARGV[7], 'input_content_type', ARGV[6], 'input_size', string.len(ARGV[5]),
-           'fingerprint', ARGV[8], 'stream_id', sid)
+           'fingerprint', ARGV[8], 'owner', ARGV[9], 'stream_id', sid)
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 redis.call('SET', KEYS[2], ARGV[5], 'PX', ARGV[2])
 if KEYS[5] ~= '' then redis.call('SET', KEYS[5], ARGV[1], 'PX', ARGV[2]) end
-return {1, ARGV[1]}
+return {1, redis.call('HGETALL', KEYS[1])}
 """
 
 # KEYS: job, input, stream, inflight, dead
 # ARGV: stream_id, group, consumer, max_attempts, ttl_ms, dead_maxlen, job_id, visibility_s
 # -> {'run', attempts, input, options, input_content_type, created_at}
-#  | {'skip', state-or-'missing'} | {'dead_lettered', code, message} | {'failed', code, message}
+#  | {'skip', state | 'missing' | 'superseded'} | {'dead_lettered', code, message} | {'failed', code, message}
 _START = _PRELUDE + """
 local sid = ARGV[1]
-local state = redis.call('HGET', KEYS[1], 'state')
+local f = redis.call('HMGET', KEYS[1], 'state', 'stream_id')
+local state = f[1]
 if not state then
   ack(KEYS[3], KEYS[4], ARGV[2], sid)
   return {'skip', 'missing'}
@@ -153,6 +169,11 @@ end
 if state ~= 'queued' and state ~= 'running' then
   ack(KEYS[3], KEYS[4], ARGV[2], sid)
   return {'skip', state}
+end
+if f[2] ~= sid then
+  -- Not the job's current entry: another one was queued meanwhile and is the one that runs.
+  ack(KEYS[3], KEYS[4], ARGV[2], sid)
+  return {'skip', 'superseded'}
 end
 local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')
 if attempts >= tonumber(ARGV[4]) then
@@ -187,10 +208,12 @@ return {'run', attempts, input, f[1], f[2], f[3]}
 """
 
 # KEYS: job, input, result, stream, inflight
-# ARGV: stream_id, group, ttl_ms, result, content_type, result_meta_json
+# ARGV: stream_id, group, ttl_ms, result, content_type, result_meta_json,
+#       waited_s (within the attempt), compute_s ('' = the attempt's run time after its wait)
 # -> {'succeeded', created_at, finished_at} | {'duplicate', state} | {'missing'}
 _COMPLETE = _PRELUDE + """
-local state = redis.call('HGET', KEYS[1], 'state')
+local f = redis.call('HMGET', KEYS[1], 'state', 'created_at', 'started_at')
+local state = f[1]
 local out
 if not state then
   out = {'missing'}
@@ -198,12 +221,17 @@ elseif state == 'queued' or state == 'running' then
   -- Result first, then the state: readers that see 'succeeded' always find the result.
   redis.call('SET', KEYS[3], ARGV[4], 'PX', ARGV[3])
   local finished = now()
+  local started = tonumber(f[3] or finished)
+  local waited = tonumber(ARGV[7])
+  local compute = tonumber(ARGV[8]) or math.max(0, tonumber(finished) - started - waited)
   redis.call('HSET', KEYS[1], 'state', 'succeeded', 'finished_at', finished, 'result_content_type', ARGV[5],
-             'result_size', string.len(ARGV[4]), 'result_meta', ARGV[6])
+             'result_size', string.len(ARGV[4]), 'result_meta', ARGV[6],
+             'wait_s', string.format('%.3f', started - tonumber(f[2]) + waited),
+             'compute_s', string.format('%.3f', compute))
   redis.call('HDEL', KEYS[1], 'error_code', 'error_message')
   redis.call('PEXPIRE', KEYS[1], ARGV[3])
   redis.call('DEL', KEYS[2])
-  out = {'succeeded', redis.call('HGET', KEYS[1], 'created_at'), finished}
+  out = {'succeeded', f[2], finished}
 else
   out = {'duplicate', state}
 end
@@ -212,16 +240,26 @@ return out
 """
 
 # KEYS: job, input, stream, inflight, dead
-# ARGV: stream_id, group, ttl_ms, code, message, retryable, max_attempts, maxlen, dead_maxlen, job_id
+# ARGV: stream_id, group, ttl_ms, code, message, retryable, max_attempts, maxlen, dead_maxlen, job_id,
+#       consumer
 # -> {'retry', new_sid} | {'failed'} | {'dead_lettered', code, message} | {'duplicate', state} | {'missing'}
+#  | {'stale'} (this delivery was superseded: nothing to do) | {'not_owner'} (another consumer runs it)
 _FAIL = _PRELUDE + """
 local sid = ARGV[1]
-local state = redis.call('HGET', KEYS[1], 'state')
+local f = redis.call('HMGET', KEYS[1], 'state', 'stream_id', 'consumer')
+local state = f[1]
 local out
 if not state then
   out = {'missing'}
 elseif state ~= 'queued' and state ~= 'running' then
   out = {'duplicate', state}
+elseif f[2] ~= sid then
+  -- Already failed once for this delivery (a retried call whose first reply was lost) or
+  -- superseded: queuing it again would run the job twice.
+  out = {'stale'}
+elseif state == 'running' and f[3] ~= ARGV[11] then
+  -- Reclaimed by another consumer, which runs it now; its entry is not ours to ack.
+  return {'not_owner'}
 else
   local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')
   if ARGV[6] == '1' and attempts < tonumber(ARGV[7]) then
@@ -274,17 +312,30 @@ ack(KEYS[2], KEYS[3], ARGV[2], sid)
 return {'requeued', new_sid}
 """
 
-# KEYS: job, input
-# -> {'cancelled'} | {'already'} | {'conflict', state} | {'missing'}
+# KEYS: job, input; ARGV: owner
+# -> {'cancelled'} | {'already'} | {'conflict', state} | {'missing'} (also: another owner's job)
 _CANCEL = _PRELUDE + """
-local state = redis.call('HGET', KEYS[1], 'state')
-if not state then return {'missing'} end
+local f = redis.call('HMGET', KEYS[1], 'state', 'owner')
+local state = f[1]
+if not state or (f[2] or '') ~= ARGV[1] then return {'missing'} end
 if state == 'cancelled' then return {'already'} end
 if state ~= 'queued' then return {'conflict', state} end
 redis.call('HSET', KEYS[1], 'state', 'cancelled', 'finished_at', now())
 redis.call('DEL', KEYS[2])
 -- The stream entry stays: the consumer that reads it sees 'cancelled', skips it and acks it.
 return {'cancelled'}
+"""
+
+# Keep the entry of a job this consumer runs from looking abandoned: reset its idle time
+# (XCLAIM to itself, JUSTID: the delivery count stays), so XAUTOCLAIM leaves it alone.
+# KEYS: job, stream; ARGV: stream_id, group, consumer -> 1 kept fresh | 0 not this consumer's to keep
+_TOUCH = """
+local f = redis.call('HMGET', KEYS[1], 'state', 'stream_id', 'consumer')
+if f[1] ~= 'running' or f[2] ~= ARGV[1] or f[3] ~= ARGV[3] then return 0 end
+-- XCLAIM drops a trimmed entry from the PEL, and with it the job's recovery if this worker dies.
+if #redis.call('XRANGE', KEYS[2], ARGV[1], ARGV[1]) == 0 then return 0 end
+redis.call('XCLAIM', KEYS[2], ARGV[2], ARGV[3], 0, ARGV[1], 'JUSTID')
+return 1
 """
 
 # Remove consumers that hold nothing: this one (ARGV[2]) or all idle >= ARGV[3] ms. Atomic, so a
@@ -341,9 +392,12 @@ class JobRecord:
     result_size: int | None
     result_meta: dict[str, Any]
     dead_lettered: bool
+    owner: str  # SHA-256 of the API key that submitted it; "" without API keys
+    wait_s: float | None  # succeeded: submission -> start of the computation that made the result
+    compute_s: float | None  # succeeded: that computation
 
     @classmethod
-    def from_hash(cls, raw: dict[bytes, bytes]) -> "JobRecord":
+    def from_hash(cls, raw: dict[Any, Any]) -> "JobRecord":
         h = {_s(k): _s(v) for k, v in raw.items()}
         return cls(
             id=h["id"] or "",
@@ -360,7 +414,15 @@ class JobRecord:
             result_size=int(h["result_size"]) if h.get("result_size") else None,
             result_meta=json.loads(h.get("result_meta") or "{}"),
             dead_lettered=h.get("dead_lettered") == "1",
+            owner=h.get("owner") or "",
+            wait_s=_f(h.get("wait_s")),
+            compute_s=_f(h.get("compute_s")),
         )
+
+    @classmethod
+    def from_pairs(cls, pairs: Sequence[Any]) -> "JobRecord":
+        """From a script's HGETALL reply: a flat field, value, ... list."""
+        return cls.from_hash(dict(zip(pairs[::2], pairs[1::2])))
 
 
 @dataclass(frozen=True)
@@ -402,7 +464,7 @@ class Started:
 
 @dataclass(frozen=True)
 class Finished:
-    outcome: str  # succeeded | failed | dead_lettered | retry | duplicate | missing
+    outcome: str  # succeeded | failed | dead_lettered | retry | duplicate | missing | stale | not_owner
     duration_s: float | None = None  # queued -> done, when this call finished the job
     code: str | None = None
     message: str | None = None
@@ -449,6 +511,7 @@ class JobQueue:
         self._fail = redis.register_script(_FAIL)
         self._requeue = redis.register_script(_REQUEUE)
         self._cancel = redis.register_script(_CANCEL)
+        self._touch = redis.register_script(_TOUCH)
         self._forget = redis.register_script(_FORGET)
         self._cursor = "0-0"
 
@@ -468,21 +531,21 @@ class JobQueue:
         options: dict[str, Any],
         *,
         idempotency: str | None = None,
+        owner: str = "",
     ) -> Submitted:
+        """Queue a job for ``owner``; with an ``idempotency`` key already used by the same owner,
+        return that job instead (its record comes from the same script: it cannot vanish between)."""
         job_id = uuid.uuid4().hex
         fp = fingerprint(data, content_type, options)
-        idem = idempotency_key(idempotency) if idempotency else ""
+        idem = idempotency_key(idempotency, owner) if idempotency else ""
         code, value = await self._submit(
             keys=[job_key(job_id), input_key(job_id), STREAM, INFLIGHT, idem],
             args=[job_id, self.ttl_ms, self.stream_maxlen, GROUP, data, content_type or "",
-                  json.dumps(options, sort_keys=True), fp],
+                  json.dumps(options, sort_keys=True), fp, owner, JOB_PREFIX],
         )
         if int(code) == -1:
             raise QueueFull(int(value))
-        job = await self.get(_s(value) or "")
-        if job is None:  # only possible if it expired in between: treat as a fresh conflict-free job
-            raise RuntimeError("job vanished right after submission")
-        return Submitted(job, created=int(code) == 1)
+        return Submitted(JobRecord.from_pairs(value), created=int(code) == 1)
 
     async def get(self, job_id: str) -> JobRecord | None:
         if not valid_job_id(job_id):
@@ -495,11 +558,12 @@ class JobQueue:
             return None
         return await self.redis.get(result_key(job_id))
 
-    async def cancel(self, job_id: str) -> tuple[str, str | None]:
-        """('cancelled' | 'already' | 'conflict' | 'missing', state for conflicts)."""
+    async def cancel(self, job_id: str, owner: str = "") -> tuple[str, str | None]:
+        """('cancelled' | 'already' | 'conflict' | 'missing', state for conflicts); another owner's
+        job is 'missing'."""
         if not valid_job_id(job_id):
             return "missing", None
-        reply = await self._cancel(keys=[job_key(job_id), input_key(job_id)], args=[])
+        reply = await self._cancel(keys=[job_key(job_id), input_key(job_id)], args=[owner])
         return _s(reply[0]) or "missing", _s(reply[1]) if len(reply) > 1 else None
 
     async def stats(self) -> QueueStats:
@@ -594,12 +658,22 @@ class JobQueue:
         return Started(outcome, detail=_s(reply[1]), message=_s(reply[2]))
 
     async def complete(
-        self, delivery: Delivery, data: bytes, content_type: str, meta: dict[str, Any] | None = None
+        self,
+        delivery: Delivery,
+        data: bytes,
+        content_type: str,
+        meta: dict[str, Any] | None = None,
+        *,
+        waited_s: float = 0.0,
+        compute_s: float | None = None,
     ) -> Finished:
+        """Store the result. The record's ``wait_s`` is the queueing before the attempt plus
+        ``waited_s`` (its wait for capacity); ``compute_s`` defaults to the rest of the attempt."""
         job_id = delivery.job_id
         reply = await self._complete(
             keys=[job_key(job_id), input_key(job_id), result_key(job_id), STREAM, INFLIGHT],
-            args=[delivery.stream_id, GROUP, self.ttl_ms, data, content_type, json.dumps(meta or {})],
+            args=[delivery.stream_id, GROUP, self.ttl_ms, data, content_type, json.dumps(meta or {}),
+                  f"{waited_s:.6f}", "" if compute_s is None else f"{compute_s:.6f}"],
         )
         outcome = _s(reply[0]) or ""
         if outcome == "succeeded":
@@ -608,12 +682,17 @@ class JobQueue:
             return Finished("succeeded", duration_s=duration)
         return Finished(outcome, code=_s(reply[1]) if len(reply) > 1 else None)
 
-    async def fail(self, delivery: Delivery, code: str, message: str, *, retryable: bool) -> Finished:
+    async def fail(
+        self, delivery: Delivery, consumer: str, code: str, message: str, *, retryable: bool
+    ) -> Finished:
+        """Record a failed attempt of ``consumer``'s delivery. Safe to retry: once the job has been
+        queued again (or another consumer took it over), the delivery is no longer the job's
+        current one and nothing happens (``stale`` / ``not_owner``)."""
         job_id = delivery.job_id
         reply = await self._fail(
             keys=[job_key(job_id), input_key(job_id), STREAM, INFLIGHT, DEAD_STREAM],
             args=[delivery.stream_id, GROUP, self.ttl_ms, code, message, "1" if retryable else "0",
-                  self.max_attempts, self.stream_maxlen, self.dead_maxlen, job_id],
+                  self.max_attempts, self.stream_maxlen, self.dead_maxlen, job_id, consumer],
         )
         outcome = _s(reply[0]) or ""
         if outcome == "dead_lettered":
@@ -630,6 +709,13 @@ class JobQueue:
             args=[delivery.stream_id, GROUP, consumer, "1", self.stream_maxlen, delivery.job_id],
         )
         return _s(reply[0]) or ""
+
+    async def touch(self, delivery: Delivery, consumer: str) -> bool:
+        """Reset the idle time of the entry of a job ``consumer`` is running (the heartbeat); False
+        when it is not this consumer's running job any more, or its entry was trimmed."""
+        reply = await self._touch(keys=[job_key(delivery.job_id), STREAM],
+                                  args=[delivery.stream_id, GROUP, consumer])
+        return int(reply) == 1
 
     async def dead_letters(self, count: int = 100) -> list[dict[str, str]]:
         entries = await self.redis.xrange(DEAD_STREAM, count=count)

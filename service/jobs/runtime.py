@@ -12,7 +12,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from .consumer import REDIS_DOWN, JobConsumer, JobInput, JobOutput, Processor
+from .consumer import REDIS_DOWN, JobConsumer, JobInput, JobOutput, Processor, Ready
 from .metrics import JobMetrics, job_metrics
 from .queue import JobQueue
 from .settings import JobConfig
@@ -76,14 +76,16 @@ class JobSystem:
         )
         self._stats_task = asyncio.create_task(self._stats_loop(), name="job-queue-stats")
 
-    def start_consumer(self, processor: Processor) -> None:
-        """Start consuming (once the model is warm: jobs taken earlier would only wait)."""
+    def start_consumer(self, processor: Processor, *, ready: Ready | None = None) -> None:
+        """Start consuming (once the model is warm: jobs taken earlier would only wait); ``ready``:
+        see :class:`JobConsumer`."""
         if self.queue is None or self.consumer is not None:
             return
         cfg = self.config
         self.consumer = JobConsumer(
             self.queue,
             with_delay(processor, cfg.test_delay_s),
+            ready=ready,
             concurrency=cfg.concurrency,
             block_ms=cfg.block_ms,
             reclaim_interval_s=cfg.reclaim_interval_s,

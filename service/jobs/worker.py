@@ -27,7 +27,7 @@ from ..engine import Engine
 from ..metrics import Metrics
 from ..settings import Settings
 from .metrics import JobMetrics
-from .processor import make_processor
+from .processor import consume_with_engine
 from .runtime import JobSystem
 from .settings import JobConfig, JobSettings
 
@@ -78,7 +78,7 @@ async def run_worker(settings: Settings, config: JobConfig, *, metrics_addr: str
 
     server: Any = start_http_server(settings.metrics_port, addr=metrics_addr, registry=metrics.registry)
     await system.start()
-    system.start_consumer(make_processor(engine, settings))
+    consume_with_engine(system, engine, settings)
     assert system.consumer is not None
     log.info(
         "worker %s consuming vpdsr:jobs (group vpdsr-workers) with %d concurrent job(s); metrics on %s:%d",

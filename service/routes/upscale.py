@@ -20,7 +20,7 @@ from ..auth import require_api_key
 from ..batcher import Priority
 from ..engine import Engine, UpscaleOptions
 from ..errors import ClientClosedRequest, error_responses
-from ..imageio import MEDIA_TYPES, OutputFormat, decode_image, encode_image, read_upload
+from ..imageio import ImageLimits, MEDIA_TYPES, OutputFormat, decode_image, encode_image, read_upload
 from ..schemas import UpscaleJSON, UpscaleParams
 from ..settings import Settings
 
@@ -29,6 +29,20 @@ router = APIRouter(prefix="/v1", tags=["upscale"], dependencies=[Depends(require
 T = TypeVar("T")
 
 _BINARY = {"schema": {"type": "string", "format": "binary"}}
+
+
+def _form_field(schema: dict[str, Any]) -> dict[str, Any]:
+    """An option's query schema as a form field's: a field is sent or left out, never null, so the
+    ``{"type": "null"}`` alternative and the ``null`` default go."""
+    field = {key: value for key, value in schema.items() if key != "anyOf" and not (key == "default" and value is None)}
+    variants = [variant for variant in schema.get("anyOf", ()) if variant.get("type") != "null"]
+    if len(variants) == 1:
+        field |= variants[0]
+    elif variants:
+        field["anyOf"] = variants
+    return field
+
+
 _INPUT_TYPES = ("image/png", "image/jpeg", "image/webp", "image/gif", "image/bmp", "image/tiff", "application/octet-stream")
 _REQUEST_BODY = {
     "required": True,
@@ -42,7 +56,10 @@ _REQUEST_BODY = {
                 "required": ["image"],
                 "properties": {
                     "image": {"type": "string", "format": "binary", "description": "the image file"},
-                    **UpscaleParams.model_json_schema()["properties"],
+                    **{
+                        name: _form_field(schema)
+                        for name, schema in UpscaleParams.model_json_schema()["properties"].items()
+                    },
                 },
             }
         },
@@ -65,7 +82,7 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
         "content": {media_type: _BINARY for media_type in MEDIA_TYPES.values()},
         "headers": {name: {"description": text, "schema": {"type": "string"}} for name, text in _RESULT_HEADERS.items()},
     },
-    **error_responses(400, 401, 404, 409, 413, 415, 422, 429, 503, 504),
+    **error_responses(400, 401, 404, 408, 409, 413, 415, 422, 429, 503, 504),
 }
 
 
@@ -141,10 +158,11 @@ async def run_upscale(
     deadline: float | None = None,
 ) -> Upscaled:
     """Image bytes + options → encoded result: the one path of synchronous requests and jobs.
-    ``deadline`` (``time.monotonic()``) defaults to ``request_timeout_s`` from now."""
+    ``deadline`` (``time.monotonic()``) defaults to ``request_timeout_s`` from now for interactive
+    requests; background work (jobs) has none: its wait for capacity is not a failure."""
     engine.check_model(params.model)
-    decoded = await run_in_threadpool(decode_image, data, settings.max_pixels)
-    if deadline is None:
+    decoded = await run_in_threadpool(decode_image, data, ImageLimits.of(settings))
+    if deadline is None and priority is Priority.INTERACTIVE:
         deadline = time.monotonic() + settings.request_timeout_s
     result = await engine.upscale(decoded.image, to_options(params), priority=priority, deadline=deadline)
     fmt = params.format or decoded.default_output

@@ -1,0 +1,194 @@
+"""`vpdsr upscale` over many files: folders and globs, skipping finished outputs, bad files that
+do not stop the batch, and `--server` against a real server (synchronous, and through a job)."""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import redis
+from PIL import Image
+
+from model.cli import main
+from service.settings import Settings
+from service.testing import live_server
+from tests.conftest import FIXTURES, RedisServer, free_port
+
+
+def local(registry: Path) -> list[str]:
+    return ["--model", "tiny@production", "--registry", str(registry), "--device", "cpu"]
+
+
+def small_copy(source: Path, target: Path, width: int = 40) -> Path:
+    """A real photo, downscaled so that the tiny model takes a few tiles of it."""
+    with Image.open(source) as img:
+        img.resize((width, round(width * img.height / img.width)), Image.Resampling.LANCZOS).save(target)
+    return target
+
+
+@pytest.fixture
+def photos(tmp_path: Path) -> Path:
+    """Two photos, a corrupt JPEG, and a text file that is no input at all."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in ("108005.jpg", "3096.png"):
+        small_copy(FIXTURES / "images" / name, folder / name)
+    (folder / "corrupt.jpg").write_bytes((folder / "108005.jpg").read_bytes()[:300])
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+def assert_upscaled(source: Path, result: Path) -> None:
+    with Image.open(source) as before, Image.open(result) as after:
+        assert after.size == (4 * before.width, 4 * before.height), result
+
+
+def test_folder_with_a_corrupt_file_writes_the_others_and_fails(
+    photos: Path, tmp_path: Path, tiny_registry: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    assert main(["upscale", str(photos), str(out), *local(tiny_registry)]) == 2
+    assert sorted(p.name for p in out.iterdir()) == ["108005.jpg", "3096.png"]  # JPEG stays JPEG, the rest PNG
+    for name in ("108005.jpg", "3096.png"):
+        assert_upscaled(photos / name, out / name)
+    err = capsys.readouterr().err
+    assert f"{photos / 'corrupt.jpg'}: cannot read it as an image" in err, err
+    assert "2 written, 0 skipped, 1 failed" in err and "Traceback" not in err
+
+
+def test_existing_outputs_are_skipped_unless_overwrite(
+    photos: Path, tmp_path: Path, tiny_registry: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    inputs = [str(photos / "108005.jpg"), str(photos / "*.png")]  # a file and a glob
+    assert main(["upscale", *inputs, str(out), "--format", "webp", *local(tiny_registry)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["108005.webp", "3096.webp"]
+    (out / "3096.webp").write_bytes(b"an older result")
+    capsys.readouterr()
+
+    assert main(["upscale", *inputs, str(out), "--format", "webp", *local(tiny_registry)]) == 0
+    assert (out / "3096.webp").read_bytes() == b"an older result"
+    assert "0 written, 2 skipped, 0 failed" in capsys.readouterr().out
+
+    assert main(["upscale", *inputs, str(out), "--format", "webp", "--overwrite", *local(tiny_registry)]) == 0
+    assert_upscaled(photos / "3096.png", out / "3096.webp")
+    assert not list(out.glob(".*")), "no partial files left behind"
+
+
+def test_one_image_shows_progress_over_its_tiles(
+    photos: Path, tmp_path: Path, tiny_registry: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "single.png"
+    assert main(["upscale", str(photos / "108005.jpg"), str(out), *local(tiny_registry)]) == 0
+    assert_upscaled(photos / "108005.jpg", out)
+    err = capsys.readouterr().err
+    assert "108005.jpg: 100%" in err and "tile" in err, err
+
+
+@pytest.mark.parametrize(
+    ("layout", "message"),
+    [
+        ({"a/x.jpg": "108005.jpg", "b/x.jpg": "108005.jpg"}, "would both be written to"),
+        ({"a/x.png": "3096.png"}, "would replace it"),  # output folder = input folder
+        ({}, "input image not found"),
+    ],
+)
+def test_plans_that_would_lose_work_are_refused(
+    layout: dict[str, str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for name, photo in layout.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        small_copy(FIXTURES / "images" / photo, tmp_path / name)
+    inputs = [str(tmp_path / name) for name in layout] or [str(tmp_path / "*.jpg")]
+    target = tmp_path / "a" if "a/x.png" in layout else tmp_path / "out"
+    assert main(["upscale", *inputs, str(target), "--registry", str(tmp_path)]) == 2
+    assert message in capsys.readouterr().err
+
+
+def serve(registry: Path, **overrides: object) -> Settings:
+    return Settings(registry=registry, model="tiny@production", device="cpu", port=free_port(), max_batch_size=2,
+                    **overrides)
+
+
+def test_server_does_the_work(
+    photos: Path, tmp_path: Path, tiny_registry: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    with live_server(serve(tiny_registry, api_keys="the-key"), torch_threads=1) as url:
+        # A wrong key is the same for every image: the command stops at the first.
+        assert main(["upscale", str(photos), str(out), "--server", url, "--api-key", "wrong"]) == 2
+        assert "unauthorized" in capsys.readouterr().err and not list(out.rglob("*"))
+
+        assert main(["upscale", str(photos), str(out), "--server", url, "--api-key", "the-key"]) == 2
+    for name in ("108005.jpg", "3096.png"):
+        assert_upscaled(photos / name, out / name)
+    err = capsys.readouterr().err
+    assert f"{photos / 'corrupt.jpg'}: server answered 400 bad_request" in err, err
+    assert "2 written, 0 skipped, 1 failed" in err
+
+
+def test_server_sends_a_large_image_through_a_job(tmp_path: Path, tiny_registry: Path, redis_server: RedisServer) -> None:
+    # max_queue 2: more tiles than a synchronous request may queue → 413 too_large_for_sync → /v1/jobs.
+    settings = serve(tiny_registry, redis_url=redis_server.url, max_queue=2)
+    large, out = small_copy(FIXTURES / "images" / "3096.png", tmp_path / "large.png", width=64), tmp_path / "out.png"
+    with live_server(settings, torch_threads=1) as url:
+        assert main(["upscale", str(large), str(out), "--server", url]) == 0
+    assert_upscaled(large, out)
+    assert redis.Redis.from_url(redis_server.url).keys("vpdsr:job:*"), "no job was submitted"
+
+
+@pytest.fixture
+def job_server() -> Iterator[str]:
+    """A stand-in for a server whose jobs report ``progress`` (not every server does): its
+    synchronous answer is always 413 too_large_for_sync, its job runs 1 of 3 tiles, then 3 of 3."""
+    polls = iter([{"state": "running", "progress": {"done": 1, "total": 3}},
+                  {"state": "succeeded", "progress": {"done": 3, "total": 3}, "result_url": "/v1/jobs/j/result"}])
+    result = io.BytesIO()
+    Image.new("RGB", (160, 108)).save(result, "PNG")
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            if self.path.startswith("/v1/upscale"):
+                self.reply(413, {"error": {"code": "too_large_for_sync", "message": "submit it to POST /v1/jobs"}})
+            else:
+                assert self.headers["Idempotency-Key"]
+                self.reply(202, {"id": "j", "state": "queued", "status_url": "/v1/jobs/j"})
+
+        def do_GET(self) -> None:
+            if self.path.endswith("/result"):
+                self.reply(200, result.getvalue())
+            else:
+                self.reply(200, {"id": "j", "status_url": "/v1/jobs/j", **next(polls)})
+
+        def log_message(self, *_: object) -> None:  # keep the captured stderr to the command's own
+            pass
+
+        def reply(self, status: int, body: dict[str, object] | bytes) -> None:
+            data = body if isinstance(body, bytes) else json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_job_progress_moves_the_tile_bar(
+    photos: Path, tmp_path: Path, job_server: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr("model.remote.POLL_S", 0.01)
+    out = tmp_path / "out.png"
+    assert main(["upscale", str(photos / "3096.png"), str(out), "--server", job_server]) == 0
+    assert Image.open(out).size == (160, 108)
+    err = capsys.readouterr().err
+    assert "1/3" in err and "3/3" in err, err
