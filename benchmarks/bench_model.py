@@ -71,10 +71,13 @@ def path_options(label: str, device: torch.device, compile_mode: str | None, dty
     """SRPipeline options of a benchmark path; torch.compile only on CUDA (the CPU has no use for it here)."""
     half = resolve_dtype(dtype)
     fast = dict(dtype=half, channels_last=True, compile_mode=compile_mode if device.type == "cuda" else None)
-    return {"eager-fp32": dict(dtype=torch.float32), "eager-bf16": dict(dtype=half), "optimised": fast, "teacher": fast}[label]
+    paths = {"eager-fp32": dict(dtype=torch.float32), "eager-bf16": dict(dtype=half), "optimised": fast, "teacher": fast}
+    return paths[label]
 
 
-def build(device: torch.device, model: str | None = None, registry: str | Path | None = None, **options: object) -> SRPipeline:
+def build(
+    device: torch.device, model: str | None = None, registry: str | Path | None = None, **options: object
+) -> SRPipeline:
     """A registry model, or (``model`` None) the full-size architecture with seeded random weights."""
     if model:
         return SRPipeline.from_registry(model, registry, device=device, **options)  # type: ignore[arg-type]

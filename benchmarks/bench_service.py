@@ -111,11 +111,12 @@ def serve_process(
     from tests.conftest import free_port
 
     port = free_port()
-    command = [sys.executable, "-m", "model.cli", "serve", "--registry", str(registry), "--model", model, "--port", str(port)]
+    command = [sys.executable, "-m", "model.cli", "serve", "--registry", str(registry), "--model", model]
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     output = open(log, "a") if log else None  # noqa: SIM115 - closed below, after the server
     process = subprocess.Popen(
-        command, env=os.environ | {"PYTHONPATH": path} | env, cwd=ROOT, stdout=output, stderr=subprocess.STDOUT if output else None
+        [*command, "--port", str(port)], env=os.environ | {"PYTHONPATH": path} | env, cwd=ROOT,
+        stdout=output, stderr=subprocess.STDOUT if output else None,
     )
     url = f"http://127.0.0.1:{port}"
     started = time.perf_counter()

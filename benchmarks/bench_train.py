@@ -34,8 +34,10 @@ from training.engine import Engine
 def distill_config(preset: str, teacher: str, device: str, out_dir: Path, sets: Sequence[str] = ()) -> DistillTrainConfig:
     """The preset with this teacher, a randomly initialised CLIP (unless ``sets`` give weights) and
     ``sets`` (``key=value`` overrides as ``vpdsr train --set`` takes them)."""
-    overrides = [("teacher", teacher), ("clip.random_weights_ok", True), ("run.device", device), ("run.out_dir", str(out_dir))]
-    return load_config(DistillTrainConfig, preset, overrides + [parse_override(s) for s in sets])
+    overrides = [
+        ("teacher", teacher), ("clip.random_weights_ok", True), ("run.device", device), ("run.out_dir", str(out_dir)),
+    ]
+    return load_config(DistillTrainConfig, preset, overrides + [parse_override(item) for item in sets])
 
 
 def random_hr(data: DataConfig, device: torch.device) -> Iterator[torch.Tensor]:

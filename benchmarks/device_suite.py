@@ -32,8 +32,8 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -43,7 +43,6 @@ from PIL import Image
 
 import bench_model
 import bench_service
-import bench_train
 from model.device import resolve_device
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,7 +76,7 @@ class Sizes:
     resolutions: tuple[int, ...]  # LR tile sizes of the model rows
     batches: tuple[int, ...]
     large_side: int
-    served_tiles: tuple[int, ...]  # tile buckets of the served model (() = the model's default)
+    served_tiles: tuple[int, ...]  # tile buckets of the full-size served model
     http_side: int  # the HTTP requests' image: one tile
     sequential_requests: int
     concurrent_requests: int
@@ -98,7 +97,7 @@ FULL = Sizes(
 TINY = Sizes(
     resolutions=(16, 32), batches=(1, 2), large_side=40, served_tiles=(), http_side=16, sequential_requests=3,
     concurrent_requests=32, clients=32, max_batch_size=4, train_preset="distill-small",
-    train_sets=("data.batch_size=2", "discriminator.network.n_layers=2"), train_steps=2, iters=2, row_seconds=0.5,
+    train_sets=("data.batch_size=2",), train_steps=2, iters=2, row_seconds=0.5,
 )
 
 
@@ -155,6 +154,7 @@ def tiny_clip_sets(work: Path) -> tuple[str, ...]:
 
 
 def prepare(log: PartLog, sizes: Sizes, tiny: bool, work: Path) -> None:
+    """The environment, and the registry the other parts load their models from."""
     log.set("environment", bench_model.environment(resolve_device("auto")))
     registry = work / "registry"
     if tiny:
@@ -185,6 +185,7 @@ def p50_ms(results: list[tuple[float, int]]) -> float:
 
 
 def http(log: PartLog, sizes: Sizes, work: Path, compile_mode: str) -> None:
+    """Two starts of the same server on one fresh compile cache (cold, then warm), then the load."""
     settings = {
         "VPDSR_DEVICE": "auto", "VPDSR_DTYPE": "auto", "VPDSR_CHANNELS_LAST": "auto", "VPDSR_COMPILE": compile_mode,
         "VPDSR_MAX_BATCH_SIZE": str(sizes.max_batch_size), "VPDSR_LOG_LEVEL": "info",
@@ -193,12 +194,9 @@ def http(log: PartLog, sizes: Sizes, work: Path, compile_mode: str) -> None:
     shutil.rmtree(work / "compile-cache", ignore_errors=True)
     env = settings | compile_cache(work)
 
-    @contextmanager
-    def server() -> Iterator[tuple[str, float]]:
-        with bench_service.serve_process(
-            work / "registry", "served@production", env, log=work / "server.log", timeout=max(1.0, log.left())
-        ) as started:
-            yield started
+    def server() -> AbstractContextManager[tuple[str, float]]:
+        registry, log_file = work / "registry", work / "server.log"
+        return bench_service.serve_process(registry, "served@production", env, log=log_file, timeout=max(1.0, log.left()))
 
     with server() as (_, cold_s):
         log.set("ready_cold_s", cold_s)
@@ -233,6 +231,8 @@ def http(log: PartLog, sizes: Sizes, work: Path, compile_mode: str) -> None:
 
 # -- train ------------------------------------------------------------------------------------------
 def train(log: PartLog, sizes: Sizes, tiny: bool, work: Path) -> None:
+    import bench_train  # here: its imports (open_clip, pytorch_wavelets) must not break the other parts
+
     sets = sizes.train_sets + (tiny_clip_sets(work) if tiny else ())
     cfg = bench_train.distill_config(sizes.train_preset, "teacher@production", "auto", work / "train-run", sets)
     log.set("train", bench_train.time_steps(cfg, work / "registry", steps=sizes.train_steps, warmup=1 if tiny else 2))
@@ -247,9 +247,7 @@ def schema_row(row: bench_model.Row) -> dict[str, object]:
 
 
 def release(device: torch.device) -> None:
-    """Give a dropped pipeline's memory back (compiled graphs and CUDA graph pools too), so that the
-    next path's peak memory is its own."""
-    torch._dynamo.reset()
+    """Give dropped pipelines' memory back, so that the next path's peak memory is its own."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -257,18 +255,27 @@ def release(device: torch.device) -> None:
 
 def measure_rows(log: PartLog, pipe: Any, label: str, sizes: Sizes, flops: dict[int, float]) -> None:
     """Every (resolution, batch) row of one path; a compiled path warms each shape up three times
-    (compile, CUDA graph warm-up, recording) before it is timed."""
+    (compile, CUDA graph warm-up, recording) before it is timed. A path whose first row fails is
+    given up: its other rows would most likely fail the same way, each after a compilation."""
     timing = bench_model.Timing(iters=sizes.iters, warmup=3 if pipe.compiled else 1, max_seconds=sizes.row_seconds)
-    for res in sizes.resolutions:
-        for batch in sizes.batches:
-            row = log.attempt(f"{label} {res}px batch {batch}",
-                              lambda: bench_model.bench(pipe, label, res, batch, 1, flops[res], timing))  # noqa: B023
-            if row is not None:
-                print(json.dumps(schema_row(row)), flush=True)
-                log.append("rows", schema_row(row))
+    shapes = [(res, batch) for res in sizes.resolutions for batch in sizes.batches]
+    for index, (res, batch) in enumerate(shapes):
+        if log.left() <= 0:
+            log.error(label, f"{len(shapes) - index} rows skipped: the part's time budget is spent")
+            return
+        row = log.attempt(f"{label} {res}px batch {batch}",
+                          lambda: bench_model.bench(pipe, label, res, batch, 1, flops[res], timing))  # noqa: B023
+        if row is None and index == 0:
+            log.error(label, "given up after its first row failed")
+            return
+        if row is not None:
+            print(json.dumps(schema_row(row)), flush=True)
+            log.append("rows", schema_row(row))
 
 
 def model(log: PartLog, sizes: Sizes, work: Path, compile_mode: str) -> None:
+    """bf16 errors first (cheap, and the optimised path's first compile), then the rows, most
+    wanted first; one pipeline on the device at a time, so each row's peak memory is its own."""
     os.environ.update(compile_cache(work))
     device = resolve_device("auto")
     mode = None if compile_mode == "off" else compile_mode
@@ -279,16 +286,22 @@ def model(log: PartLog, sizes: Sizes, work: Path, compile_mode: str) -> None:
     side = max(sizes.resolutions)
     photo = Image.open(PHOTO).convert("RGB").crop((0, 0, side, side))
     reference = build("eager-fp32")
+
+    def relative_error(candidate: Any) -> float:
+        return bench_model.relative_error(reference, candidate, photo)
+
     flops = {res: bench_model.count_flops(reference, res, 1) for res in sizes.resolutions}
     log.set("flop_per_image", {str(res): value for res, value in flops.items()})
-    log.attempt("bf16 error, eager", lambda: log.set("bf16_rel_err_eager", bench_model.relative_error(reference, build("eager-bf16"), photo)))
+    log.attempt("bf16 error, eager", lambda: log.set("bf16_rel_err_eager", relative_error(build("eager-bf16"))))
     optimised = log.attempt("build optimised", lambda: build("optimised"))
     if optimised is not None:
-        log.attempt("bf16 error, optimised", lambda: log.set("bf16_rel_err", bench_model.relative_error(reference, optimised, photo)))
-    log.attempt("bf16 error, trained model", lambda: log.set("bf16_rel_err_trained", {
-        "model": TRAINED,
-        "eager_bf16": bench_model.relative_error(build("eager-fp32", TRAINED, ROOT / "registry"), build("eager-bf16", TRAINED, ROOT / "registry"), photo),
-    }))
+        log.attempt("bf16 error", lambda: log.set("bf16_rel_err", relative_error(optimised)))
+
+    def trained_error() -> None:
+        pair = [build(label, TRAINED, ROOT / "registry") for label in ("eager-fp32", "eager-bf16")]
+        log.set("bf16_rel_err_trained", {"model": TRAINED, "eager_bf16": bench_model.relative_error(*pair, photo)})
+
+    log.attempt("bf16 error, trained model", trained_error)
     del reference
     release(device)
 
@@ -296,6 +309,7 @@ def model(log: PartLog, sizes: Sizes, work: Path, compile_mode: str) -> None:
         measure_rows(log, optimised, "optimised", sizes, flops)
         log.attempt("large input", lambda: log.set("large", bench_model.large_image(optimised, sizes.large_side)))
         del optimised
+        torch._dynamo.reset()  # its compiled graphs and CUDA graph pools
         release(device)
     for label in ("eager-bf16", "eager-fp32"):
         pipe = log.attempt(f"build {label}", lambda: build(label))  # noqa: B023
@@ -334,6 +348,7 @@ def read_parts(work: Path) -> dict[str, dict[str, Any]]:
 
 def merge(work: Path, command: str, compile_mode: str, tiny: bool) -> dict[str, Any]:
     """gpu.json from the parts: the issue's keys (None where a part failed), then the details."""
+    sizes = TINY if tiny else FULL
     parts = read_parts(work)
     env = parts["prepare"].get("environment", {})
     measured, served, trained = parts["model"], parts["http"], parts["train"].get("train", {})
@@ -345,10 +360,10 @@ def merge(work: Path, command: str, compile_mode: str, tiny: bool) -> dict[str, 
         "torch": env.get("torch"),
         "command": command,
         "model": measured.get("rows", []),
-        "large": {"side": large.get("side"), "seconds": large.get("seconds"), "peak_mem_gib": large.get("peak_mem_gib")},
+        "large": {"side": sizes.large_side, "seconds": large.get("seconds"), "peak_mem_gib": large.get("peak_mem_gib")},
         "bf16_rel_err": measured.get("bf16_rel_err"),
         "http": {"p50_ms_one_64": served.get("p50_ms_one"), "images_per_s_32_clients": concurrent.get("images_per_s")},
-        "train": {"batch": trained.get("batch"), "step_s": trained.get("step_s"), "peak_mem_gib": trained.get("peak_mem_gib")},
+        "train": {key: trained.get(key) for key in ("batch", "step_s", "peak_mem_gib")},
         "ready_s": {"cold": served.get("ready_cold_s"), "warm_cache": served.get("ready_warm_s")},
         "cuda": env.get("cuda"),
         "python": env.get("python"),
@@ -357,17 +372,16 @@ def merge(work: Path, command: str, compile_mode: str, tiny: bool) -> dict[str, 
         "bf16_rel_err_eager": measured.get("bf16_rel_err_eager"),
         "bf16_rel_err_trained": measured.get("bf16_rel_err_trained"),
         "flop_per_image": measured.get("flop_per_image"),
-        "http_detail": {"settings": served.get("settings"), "concurrent": concurrent},
+        "http_detail": {"side": sizes.http_side, "settings": served.get("settings"), "concurrent": concurrent},
         "train_detail": trained,
         "errors": {name: part["errors"] for name, part in parts.items() if part.get("errors")},
         "part_seconds": {name: part.get("seconds") for name, part in parts.items()},
     }
 
 
-def _fmt(value: object, digits: int = 1) -> str:
-    if isinstance(value, float):
-        return f"{value:.{digits}e}" if 0 < abs(value) < 1e-2 else f"{value:.{digits}f}"
-    return "—" if value is None else str(value)
+def _fmt(value: object) -> str:
+    """Three significant digits for a measurement, a dash for one that is missing."""
+    return "—" if value is None else f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
 def markdown(doc: dict[str, Any]) -> str:
@@ -384,7 +398,8 @@ def markdown(doc: dict[str, Any]) -> str:
     for r in doc["model"]:
         lines.append(
             f"| {r['path']} | {r['lr']} → {4 * r['lr']} | {r['batch']} | {r['images_per_s']:.1f} | {r['p50_ms']:.2f} | "
-            f"{r['p95_ms']:.2f} | {r['peak_mem_gib']:.2f} | {r['tflops']:.1f} | {100 * r['tflops'] / bench_model.PEAK_BF16_TFLOPS:.1f} |"
+            f"{r['p95_ms']:.2f} | {r['peak_mem_gib']:.2f} | {r['tflops']:.1f} | "
+            f"{100 * r['tflops'] / bench_model.PEAK_BF16_TFLOPS:.1f} |"
         )
     optimised = [r for r in doc["model"] if r["path"] == "optimised"]
     resolutions = sorted({r["lr"] for r in doc["model"]}) or [64, 128]
@@ -392,7 +407,8 @@ def markdown(doc: dict[str, Any]) -> str:
     best = max((r["images_per_s"] for r in optimised if r["lr"] == small), default=None)
     one = {r["lr"]: r["p50_ms"] for r in optimised if r["batch"] == 1}
     trained = (doc.get("bf16_rel_err_trained") or {}).get("eager_bf16")
-    side = doc["large"]["side"]
+    side, http_side = doc["large"]["side"], doc["http_detail"]["side"]
+    clients = doc["http_detail"]["concurrent"].get("clients", 32)
     measures = [
         (f"{small}→{4 * small} batched, model only: images/s", best, "≥ 350"),
         (f"one {small}→{4 * small} image, model only: p50 ms", one.get(small), "≤ 10"),
@@ -402,15 +418,15 @@ def markdown(doc: dict[str, Any]) -> str:
         ("bf16 relative error, optimised vs fp32 (random weights)", doc["bf16_rel_err"], "≤ 1e-2"),
         ("bf16 relative error, eager vs fp32 (random weights)", doc.get("bf16_rel_err_eager"), ""),
         (f"bf16 relative error, eager vs fp32 ({TRAINED}, trained)", trained, "≤ 1e-2"),
-        ("HTTP, one 64→256 request: p50 ms", doc["http"]["p50_ms_one_64"], "≤ 25"),
-        ("HTTP, 32 clients: images/s", doc["http"]["images_per_s_32_clients"], ""),
+        (f"HTTP, one {http_side}→{4 * http_side} request at a time: p50 ms", doc["http"]["p50_ms_one_64"], "≤ 25"),
+        (f"HTTP, {clients} clients: images/s", doc["http"]["images_per_s_32_clients"], ""),
         (f"distillation step, batch {doc['train']['batch']}: seconds", doc["train"]["step_s"], "≤ 1.0"),
         ("distillation step: peak GiB", doc["train"]["peak_mem_gib"], ""),
         ("ready time, cold compile cache: s", doc["ready_s"]["cold"], ""),
         ("ready time, warm compile cache: s", doc["ready_s"]["warm_cache"], ""),
     ]
     lines += ["", "| measure | value | target |", "|---|---|---|"]
-    lines += [f"| {name} | {_fmt(value, 3 if isinstance(value, float) and value < 1 else 1)} | {target} |" for name, value, target in measures]
+    lines += [f"| {name} | {_fmt(value)} | {target} |" for name, value, target in measures]
     if doc["errors"]:
         lines += ["", "Errors and skipped measurements:", ""]
         lines += [f"- {part}: {message}" for part, messages in doc["errors"].items() for message in messages]

@@ -11,6 +11,8 @@
 #   VPDSR_SUITE_COMPILE  VPDSR_COMPILE of the server and the optimised path (default reduce-overhead;
 #                        off in tiny mode)
 #   VPDSR_SUITE_SECONDS  the whole suite's budget (default 480)
+#   VPDSR_SUITE_PARTS    which parts, in order (default "prepare http train model"; the others
+#                        need prepare's registries)
 #   VPDSR_SUITE_WORK     scratch folder (default /tmp/vpdsr-suite, emptied first)
 #   PYTHON               the interpreter (default python3: on the device, the one that has torch)
 # On the device, the packages its image lacks come from the wheels in .whl/, which
@@ -41,12 +43,13 @@ export PYTHONUNBUFFERED=1
 FLAGS=(--work "$WORK" --compile "$COMPILE")
 [ "$TINY" = 1 ] && FLAGS+=(--tiny)
 
-# part NAME CAP: run one part for at most CAP seconds, ending 20 s before the suite's budget (for
-# merge). Past its budget a part starts nothing new; 15 s later `timeout` interrupts it (SIGINT:
-# it saves what it has and stops its server), 15 s after that it is killed.
+# part NAME CAP: run one part for at most CAP seconds and no later than 45 s before the suite's
+# end. Past its budget a part starts nothing new; 15 s later `timeout` interrupts it (SIGINT: it
+# saves what it has and stops its server), 15 s after that it is killed: so even a part stuck in
+# a compilation leaves the 15 s that merge needs.
 part() {
   local name=$1 cap=$2
-  local left=$((TOTAL_S - (SECONDS - START) - 20))
+  local left=$((TOTAL_S - (SECONDS - START) - 45))
   local budget=$((cap < left ? cap : left))
   if ((budget < 5)); then
     echo "== $name: skipped, the suite's time is spent"
@@ -57,10 +60,10 @@ part() {
   echo "== $name: exit $?, at $((SECONDS - START)) s"
 }
 
-part prepare 60
-part http 180
-part train 90
-part model "$TOTAL_S"   # whatever is left
+declare -A CAPS=([prepare]=60 [http]=180 [train]=90 [model]=$TOTAL_S)   # model: whatever is left
+for name in ${VPDSR_SUITE_PARTS:-prepare http train model}; do
+  part "$name" "${CAPS[$name]}"
+done
 "$PYTHON" benchmarks/device_suite.py merge "${FLAGS[@]}" --out "$OUT" \
   --command "VPDSR_SUITE_COMPILE=$COMPILE VPDSR_SUITE_TINY=$TINY bash benchmarks/device_suite.sh"
 status=$?

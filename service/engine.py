@@ -116,6 +116,7 @@ class _Work:
     pending: int = field(init=False)
     waiting: int = 0  # tiles in the batcher now
     started_at: float | None = None
+    progress: Callable[[int, int], None] | None = None  # (tiles done, tiles in total), per batch
 
     def __post_init__(self) -> None:
         self.outputs = [None] * len(self.tiles)
@@ -255,8 +256,11 @@ class Engine:
         *,
         priority: Priority = Priority.INTERACTIVE,
         deadline: float | None = None,
+        progress: Callable[[int, int], None] | None = None,
     ) -> UpscaleResult:
-        """Upscale one image; ``deadline`` is a ``time.monotonic()`` value (None: no limit).
+        """Upscale one image; ``deadline`` is a ``time.monotonic()`` value (None: no limit);
+        ``progress(tiles done, tiles in total)`` is called on the event loop after each batch that
+        held tiles of this image (a job's status shows it).
 
         Interactive requests are admitted by estimated cost (413 / 429) before planning; background
         work is never refused for load and enters the batcher chunk by chunk.
@@ -274,8 +278,11 @@ class Engine:
             self._planning = (self._planning[0] - cost[0], self._planning[1] - cost[1])
 
         loop = asyncio.get_running_loop()
-        work = _Work((plan.tile_size, steps), priority, time.monotonic(), plan.tiles, loop.create_future())
+        work = _Work((plan.tile_size, steps), priority, time.monotonic(), plan.tiles, loop.create_future(),
+                     progress=progress)
         self._works.add(work)
+        if progress is not None:
+            progress(0, len(work.tiles))  # planned: the total is known before any tile runs
         feeder = asyncio.create_task(self._feed(work), name="vpdsr-feed") if priority is Priority.BACKGROUND else None
         if feeder is None:
             self._batcher.add(work, range(len(work.tiles)))
@@ -428,13 +435,18 @@ class Engine:
                 self._fail(work, own_exc)
 
     def _deliver(self, entries: list[tuple[_Work, int]], outputs: Tensor) -> None:
+        updated: set[_Work] = set()
         for (work, i), output in zip(entries, outputs, strict=True):
             if work.future.done():
                 continue
             work.outputs[i] = output
             work.pending -= 1
+            updated.add(work)
             if work.pending == 0:
                 work.future.set_result([o for o in work.outputs if o is not None])
+        for work in updated:
+            if work.progress is not None:
+                work.progress(len(work.tiles) - work.pending, len(work.tiles))
 
     def _fail(self, work: _Work, exc: Exception) -> None:
         if work.future.done():

@@ -69,7 +69,9 @@ SETTINGS = {
     "VPDSR_MAX_BODY_BYTES", "VPDSR_MAX_PIXELS", "VPDSR_API_KEYS", "VPDSR_REDIS_URL",
     "VPDSR_CONSUME_JOBS", "VPDSR_JOB_TTL_S", "VPDSR_METRICS_PORT", "VPDSR_LOG_LEVEL",
     "VPDSR_JOB_VISIBILITY_TIMEOUT_S", "VPDSR_JOB_MAX_ATTEMPTS", "VPDSR_JOB_STREAM_MAXLEN",
+    "VPDSR_COMPILE", "VPDSR_CHANNELS_LAST",
 }
+COMPILE_CACHE = "/var/cache/vpdsr"  # the compile-cache volume: TORCHINDUCTOR_CACHE_DIR and TRITON_CACHE_DIR below it
 
 JOB_STREAM = "vpdsr:jobs"
 CONSUMER_GROUP = "vpdsr-workers"
@@ -473,6 +475,28 @@ def test_compose_cpu_override(compose_cpu):
         assert service["healthcheck"] and service["depends_on"]["redis"]["condition"] == "service_healthy"
 
 
+def shell_default(value: str) -> str:
+    """``${NAME:-default}`` → ``default``; a plain value as it is."""
+    match = re.fullmatch(r"\$\{\w+:-(.*)\}", str(value))
+    return match.group(1) if match else str(value)
+
+
+def test_compose_gpu_fast_path(compose, compose_cpu):
+    """GPU hosts serve bf16, channels-last and compiled, with the compile caches on a named volume;
+    the CPU override serves float32, uncompiled."""
+    for name in ("api", "worker"):
+        service = compose["services"][name]
+        env = env_of(service)
+        assert shell_default(env["VPDSR_COMPILE"]) == "reduce-overhead"
+        assert shell_default(env["VPDSR_DTYPE"]) == "bfloat16" and shell_default(env["VPDSR_CHANNELS_LAST"]) == "true"
+        for cache in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
+            assert env[cache].startswith(COMPILE_CACHE + "/"), cache
+        volume = next(v.split(":")[0] for v in service["volumes"] if v.split(":")[1] == COMPILE_CACHE)
+        assert volume in compose["volumes"], "a named volume: it outlives the container"
+        cpu = env_of(compose_cpu["services"][name])
+        assert (cpu["VPDSR_COMPILE"], cpu["VPDSR_DTYPE"], cpu["VPDSR_CHANNELS_LAST"]) == ("off", "float32", "false")
+
+
 def test_compose_mounts_exist(compose):
     """Bind-mounted config folders exist where the containers expect them."""
     mounts = {
@@ -763,6 +787,28 @@ def test_k8s_service_monitors(rendered, overlay):
             assert endpoint["path"] == "/metrics"
             scraped.add(ports[endpoint["port"]])
     assert {8000, 9100} <= scraped
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_k8s_compile_cache_on_a_volume(rendered, overlay):
+    """The API and the workers keep torch.compile's caches on a volume that outlives the container;
+    the GPU overlay turns the fast path on."""
+    docs = rendered[overlay]
+    for name in ("vpdsr-api", "vpdsr-worker"):
+        spec = objects(docs, "Deployment")[name]["spec"]["template"]["spec"]
+        cont = spec["containers"][0]
+        env = {e["name"]: e.get("value") for e in cont["env"]}
+        for cache in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
+            assert env[cache].startswith(COMPILE_CACHE + "/"), (name, cache)
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        mounts = {m["mountPath"]: volumes[m["name"]] for m in cont["volumeMounts"]}
+        assert "emptyDir" in mounts[COMPILE_CACHE] or "persistentVolumeClaim" in mounts[COMPILE_CACHE], name
+    (config,) = objects(docs, "ConfigMap").values()
+    fast = {"VPDSR_COMPILE": "reduce-overhead", "VPDSR_DTYPE": "bfloat16", "VPDSR_CHANNELS_LAST": "true"}
+    if overlay == "gpu":
+        assert {key: config["data"].get(key) for key in fast} == fast
+    else:
+        assert config["data"].get("VPDSR_COMPILE", "off") == "off"
 
 
 def test_k8s_gpu_overlay_requests_gpus(rendered):

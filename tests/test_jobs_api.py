@@ -130,6 +130,26 @@ def test_submit_poll_and_fetch_result(client: httpx.Client) -> None:
     assert job_pixels.shape == (64, 64, 3) and np.abs(job_pixels - sync_pixels).max() <= 1
 
 
+def test_progress_rises_to_the_total_while_a_job_runs(client: httpx.Client) -> None:
+    """A 128² image is 25 tiles, run in batches of 2: polled while the job runs, its progress rises
+    from the first batch to done == total, which the succeeded job keeps."""
+    job_id = submit(client, png(128, seed=3)).json()["id"]
+    seen: list[tuple[int, int]] = []
+    deadline = time.monotonic() + 60
+    while (body := client.get(f"/v1/jobs/{job_id}").json())["state"] in ("queued", "running"):
+        assert time.monotonic() < deadline, body
+        if body["progress"]:
+            assert body["state"] == "running"
+            seen.append((body["progress"]["done"], body["progress"]["total"]))
+        time.sleep(0.02)
+    assert body["state"] == "succeeded", body
+    total = body["progress"]["total"]
+    assert total == 25 and body["progress"]["done"] == total
+    done = [d for d, _ in seen]
+    assert {t for _, t in seen} == {total} and done == sorted(done), seen
+    assert done[0] <= total // 4 and len(set(done)) >= 3, seen
+
+
 def test_options_and_multipart_as_for_upscale(client: httpx.Client) -> None:
     response = client.post(
         "/v1/jobs", params={"format": "png"}, files={"image": ("a.png", png(16, 2), "image/png")},

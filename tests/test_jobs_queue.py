@@ -456,3 +456,89 @@ async def test_jobs_and_idempotency_keys_belong_to_their_owner(redis: Redis) -> 
     assert await queue.cancel(mine.job.id, "b" * 64) == ("missing", None)
     assert await queue.cancel(mine.job.id) == ("missing", None)
     assert await queue.cancel(mine.job.id, "a" * 64) == ("cancelled", None)
+
+
+async def test_progress_is_throttled_and_its_last_value_lands(redis: Redis) -> None:
+    """A report after each of 100 batches, 100 a second, through a slow Redis: a report never
+    waits for it, a few writes a second reach it, in order, and the record ends at 100/100."""
+    queue = make_queue(redis)
+    real_progress, written = queue.progress, []
+
+    async def slow(delivery: Any, consumer: str, done: int, total: int) -> bool:
+        written.append(done)
+        await asyncio.sleep(0.05)
+        return await real_progress(delivery, consumer, done, total)
+
+    queue.progress = slow  # type: ignore[method-assign]
+    seen: list[tuple[int, int]] = []
+    began = time.monotonic()
+
+    async def tiled(job: JobInput) -> JobOutput:
+        assert job.progress is not None
+        for done in range(1, 101):
+            reported = time.monotonic()
+            job.progress(done, 100)
+            assert time.monotonic() - reported < 0.02
+            await asyncio.sleep(0.01)
+            record = await queue.get(job.id)
+            if record is not None and record.progress is not None:
+                seen.append(record.progress)
+        return await echo(job)
+
+    job_id = (await queue.submit(b"abc", None, {})).job.id
+    async with running(JobConsumer(queue, tiled, name="c", metrics=metrics(), block_ms=50)):
+        await wait_for(lambda: state_is(queue, job_id, "succeeded"))
+    job = await queue.get(job_id)
+    assert job is not None and job.progress == (100, 100)
+    assert 3 <= len(written) <= (time.monotonic() - began) / 0.25 + 2, written
+    assert written == sorted(written) and written[-1] == 100, written
+    assert seen[0][0] < 50 and [d for d, _ in seen] == sorted(d for d, _ in seen), seen
+    assert {t for _, t in seen} == {100}
+
+
+async def test_progress_is_written_only_for_the_running_delivery(redis: Redis) -> None:
+    """Guarded like the heartbeat: another consumer, a taken-over delivery, a finished or expired job
+    get nothing written (an expired record must not come back as a bare hash); a new attempt
+    starts without the last one's progress."""
+    queue = make_queue(redis, visibility_timeout_s=0.05)
+    job_id = (await queue.submit(b"abc", None, {})).job.id
+    [delivery] = await queue.read("a", 1, 10)
+    await queue.start(delivery, "a")
+    assert await queue.progress(delivery, "a", 3, 9)
+    assert not await queue.progress(delivery, "b", 4, 9)
+    assert (await queue.get(job_id)).progress == (3, 9)  # type: ignore[union-attr]
+
+    await asyncio.sleep(0.1)
+    [taken] = (await queue.reclaim("b", 1))[0]
+    await queue.start(taken, "b")
+    assert (await queue.get(job_id)).progress is None  # type: ignore[union-attr]
+    assert not await queue.progress(delivery, "a", 5, 9), "the old owner's late report"
+    assert await queue.progress(taken, "b", 9, 9)
+    await queue.complete(taken, b"r", "image/png")
+    assert not await queue.progress(taken, "b", 1, 9)
+    assert (await queue.get(job_id)).progress == (9, 9)  # type: ignore[union-attr]
+
+    await redis.delete(job_key(job_id))
+    assert not await queue.progress(taken, "b", 9, 9) and not await redis.exists(job_key(job_id))
+
+
+async def test_redis_errors_while_writing_progress_do_not_fail_the_job(redis: Redis) -> None:
+    queue = make_queue(redis)
+
+    async def down(*_: Any) -> bool:
+        raise RedisTimeoutError("Timeout reading from socket")
+
+    queue.progress = down  # type: ignore[method-assign]
+
+    async def tiled(job: JobInput) -> JobOutput:
+        assert job.progress is not None
+        for done in range(1, 4):
+            job.progress(done, 3)
+            await asyncio.sleep(0.01)
+        return await echo(job)
+
+    job_id = (await queue.submit(b"abc", None, {})).job.id
+    async with running(JobConsumer(queue, tiled, name="c", metrics=metrics(), block_ms=50)):
+        await wait_for(lambda: state_is(queue, job_id, "succeeded"))
+    job = await queue.get(job_id)
+    assert job is not None and job.attempts == 1 and job.progress is None

@@ -358,3 +358,15 @@ async def test_results_depend_on_batching_by_at_most_one_level(tiny_registry: Pa
     for single, batched, repeat in zip(alone, together, again):
         assert np.abs(single - np.asarray(batched.image, dtype=int)).max() <= 1
         assert np.array_equal(np.asarray(batched.image), np.asarray(repeat.image))
+
+
+async def test_progress_rises_to_the_total(tiny_registry: Path, tiny_pipe: SRPipeline) -> None:
+    engine = await started_engine(tiny_registry, Instrumented(tiny_pipe), max_batch_size=4, max_delay_ms=0)
+    seen: list[tuple[int, int]] = []
+    try:
+        await engine.upscale(image(width=64, height=64), priority=Priority.BACKGROUND,
+                             progress=lambda done, total: seen.append((done, total)))
+    finally:
+        await engine.stop()
+    assert seen[0] == (0, 25) and seen[-1] == (25, 25) and len(seen) >= 8
+    assert [done for done, _ in seen] == sorted(done for done, _ in seen)

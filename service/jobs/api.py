@@ -96,6 +96,11 @@ class JobResultInfo(BaseModel):
     version: str | None = None
 
 
+class JobProgress(BaseModel):
+    done: int = Field(ge=0, description="tiles computed")
+    total: int = Field(ge=0, description="tiles of the image")
+
+
 class JobStatus(BaseModel):
     id: str
     state: Literal["queued", "running", "succeeded", "failed", "cancelled"]
@@ -109,6 +114,10 @@ class JobStatus(BaseModel):
         None, description="why it failed; on a queued job, why the previous attempt failed"
     )
     result: JobResultInfo | None = None
+    progress: JobProgress | None = Field(
+        None, description="tiles computed so far, while running (from the attempt's first finished batch, "
+        "updated a few times a second) and once succeeded (`done` = `total`)"
+    )
     wait_s: float | None = Field(
         None, description="once succeeded: seconds from submission until the computation of the result started "
         "(queueing, waiting for capacity, earlier attempts)"
@@ -130,6 +139,8 @@ def status_body(request: Request, job: JobRecord) -> JobStatus:
             size=job.result_size or 0,
             **{k: meta.get(k) for k in ("width", "height", "seed", "steps", "model", "version")},
         )
+    # A retried (queued again) or failed job still holds its last attempt's progress: not shown.
+    progress = job.progress if job.state in ("running", "succeeded") else None
     return JobStatus(
         id=job.id,
         state=job.state,  # type: ignore[arg-type]
@@ -141,6 +152,7 @@ def status_body(request: Request, job: JobRecord) -> JobStatus:
         attempts=job.attempts,
         error=JobError(code=job.error_code, message=job.error_message or "") if job.error_code else None,
         result=result,
+        progress=JobProgress(done=progress[0], total=progress[1]) if progress else None,
         wait_s=job.wait_s,
         compute_s=job.compute_s,
     )

@@ -17,6 +17,8 @@ Guarantees (see docs/jobs.md):
 - Redis going away never kills the loop: it waits with capped, jittered exponential back-off and
   carries on when Redis is back; a finished result is stored with retries until the visibility
   timeout, after which another worker would redo the job anyway;
+- a running job's progress (tiles done, reported by the processor) is stored best-effort and
+  throttled (:class:`ProgressWriter`); its last value lands before the outcome;
 - :meth:`JobConsumer.stop` stops taking jobs, lets the ones in hand finish within a grace period
   and gives the rest back to the queue at once (attempt refunded), or leaves them pending for
   XAUTOCLAIM if Redis cannot be reached.
@@ -25,6 +27,7 @@ Guarantees (see docs/jobs.md):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import random
@@ -46,6 +49,8 @@ log = logging.getLogger("vpdsr.jobs")
 # server still loading its data, a replica during fail-over). Anything else is a bug.
 REDIS_DOWN = (RedisError, OSError)
 
+Progress = Callable[[int, int], None]  # (tiles done, tiles in total); must not block or raise
+
 
 @dataclass(frozen=True)
 class JobInput:
@@ -54,6 +59,7 @@ class JobInput:
     content_type: str | None
     options: dict[str, Any]
     attempt: int
+    progress: Progress | None = None  # the processor reports the job's progress here
 
 
 @dataclass(frozen=True)
@@ -133,6 +139,57 @@ class Heartbeat:
                             "trimmed); heartbeat stopped", self.delivery.job_id)
                 return
             self.fresh_until = touched_at + visibility
+
+
+class ProgressWriter:
+    """Stores a running job's progress (tiles done, tiles in total) in its record, for ``GET
+    /v1/jobs/{id}``. Best-effort: a lost write only makes the status lag, so Redis errors are
+    logged at debug and ignored; the job never fails for them.
+
+    The engine reports after every batch, synchronously on the event loop, so a report never
+    waits for Redis: it notes the value and, unless a writer task is already going, starts one.
+    The writer stores the latest value, then pauses ``interval_s`` (a fast model ends many
+    batches a second; pollers need a few values a second), then stores whatever came meanwhile.
+    Values superseded while a write or pause is under way are dropped. :meth:`flush` cuts the
+    pause short and stores the last value: the consumer calls it before recording the outcome,
+    after which the record is final and refuses progress."""
+
+    def __init__(self, queue: JobQueue, delivery: Delivery, consumer: str, interval_s: float = 0.25) -> None:
+        self.queue, self.delivery, self.consumer, self.interval_s = queue, delivery, consumer, interval_s
+        self._latest: tuple[int, int] | None = None
+        self._stored: tuple[int, int] | None = None
+        self._hurry = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
+
+    def __call__(self, done: int, total: int) -> None:
+        self._latest = (done, total)
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write(), name=f"job-progress-{self.delivery.job_id}")
+
+    async def _write(self) -> None:
+        while (value := self._latest) is not None and value != self._stored:
+            try:
+                await self.queue.progress(self.delivery, self.consumer, *value)
+            except REDIS_DOWN as exc:
+                log.debug("job %s: progress %d/%d not stored (%s)", self.delivery.job_id, *value, exc)
+            self._stored = value
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._hurry.wait(), self.interval_s)
+
+    async def flush(self) -> None:
+        """Store the latest value now (one write at a time, so it lands after any earlier one)."""
+        self._hurry.set()
+        if self._writer is not None:
+            await self._writer
+
+    async def __aenter__(self) -> "ProgressWriter":
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        """Without a flush (the attempt failed or was cancelled) pending values are not wanted."""
+        if self._writer is not None:
+            self._writer.cancel()
+            await asyncio.gather(self._writer, return_exceptions=True)
 
 
 class JobConsumer:
@@ -289,14 +346,17 @@ class JobConsumer:
             log.warning("job %s failed: %s", delivery.job_id, started.message)
             return
 
-        job = JobInput(delivery.job_id, started.data, started.content_type, started.options, started.attempt)
-        async with Heartbeat(self.queue, delivery, self.name) as beat:
-            await self._run(delivery, job, beat)
+        async with Heartbeat(self.queue, delivery, self.name) as beat, \
+                ProgressWriter(self.queue, delivery, self.name) as progress:
+            job = JobInput(delivery.job_id, started.data, started.content_type, started.options, started.attempt,
+                           progress)
+            await self._run(delivery, job, beat, progress)
 
-    async def _run(self, delivery: Delivery, job: JobInput, beat: Heartbeat) -> None:
-        """One attempt: the processor, then its outcome stored."""
+    async def _run(self, delivery: Delivery, job: JobInput, beat: Heartbeat, progress: ProgressWriter) -> None:
+        """One attempt: the processor, its last progress, then its outcome stored."""
         try:
             output = await self.processor(job)
+            await progress.flush()
         except asyncio.CancelledError:
             await self._release(delivery)
             raise

@@ -9,7 +9,8 @@ Layout (names fixed: the Kubernetes KEDA trigger and the dashboards use the firs
                                (finds the job of a pending entry that MAXLEN trimming deleted)
     vpdsr:job:<id>             hash: state, created_at, started_at, finished_at, attempts, error_*,
                                options, input/result metadata, wait_s, compute_s, owner,
-                               stream_id (current entry), consumer
+                               stream_id (current entry), consumer,
+                               progress_done / progress_total (tiles, of the latest attempt)
     vpdsr:job:<id>:input       the uploaded image bytes, as received
     vpdsr:job:<id>:result      the encoded result image
     vpdsr:jobs:idempotency:<sha256(owner, key)>   job id for an owner's Idempotency-Key
@@ -33,7 +34,9 @@ entry fresh (``touch``), so only a dead worker's jobs are taken over, however lo
 
 The job hash's ``stream_id`` names the one live delivery of a job: start, fail, touch and
 requeue act only for that entry, so a superseded entry (a retried ``fail`` whose first reply was
-lost, a re-queued trimmed entry) can never run the job a second time.
+lost, a re-queued trimmed entry) can never run the job a second time. Progress reports (tiles
+done) are guarded the same way as the heartbeat: only the consumer running the job's current
+entry writes them.
 
 Timestamps come from the Redis server's clock (TIME), so workers' clocks do not matter.
 """
@@ -89,11 +92,16 @@ def valid_job_id(job_id: str) -> bool:
 
 
 # -- Lua -----------------------------------------------------------------------------------------
-# Shared prelude: server time, ack of the entry in hand, a field table out of HGETALL.
+# Shared prelude: server time, ack of the entry in hand, enqueueing, dead letters, and whether a
+# job is running on a consumer for a given entry.
 _PRELUDE = """
 local function now()
   local t = redis.call('TIME')
   return string.format('%d.%06d', t[1], t[2])
+end
+local function running_here(job, sid, consumer)
+  local f = redis.call('HMGET', job, 'state', 'stream_id', 'consumer')
+  return f[1] == 'running' and f[2] == sid and f[3] == consumer
 end
 local function ack(stream, inflight, group, sid)
   redis.call('XACK', stream, group, sid)
@@ -200,6 +208,7 @@ end
 attempts = attempts + 1
 redis.call('HSET', KEYS[1], 'state', 'running', 'started_at', now(), 'attempts', attempts,
            'consumer', ARGV[3], 'stream_id', sid)
+redis.call('HDEL', KEYS[1], 'progress_done', 'progress_total')  -- an earlier attempt's
 -- A started job gets a full TTL to finish in, whatever its wait in the queue was.
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
 redis.call('PEXPIRE', KEYS[2], ARGV[5])
@@ -329,12 +338,21 @@ return {'cancelled'}
 # Keep the entry of a job this consumer runs from looking abandoned: reset its idle time
 # (XCLAIM to itself, JUSTID: the delivery count stays), so XAUTOCLAIM leaves it alone.
 # KEYS: job, stream; ARGV: stream_id, group, consumer -> 1 kept fresh | 0 not this consumer's to keep
-_TOUCH = """
-local f = redis.call('HMGET', KEYS[1], 'state', 'stream_id', 'consumer')
-if f[1] ~= 'running' or f[2] ~= ARGV[1] or f[3] ~= ARGV[3] then return 0 end
+_TOUCH = _PRELUDE + """
+if not running_here(KEYS[1], ARGV[1], ARGV[3]) then return 0 end
 -- XCLAIM drops a trimmed entry from the PEL, and with it the job's recovery if this worker dies.
 if #redis.call('XRANGE', KEYS[2], ARGV[1], ARGV[1]) == 0 then return 0 end
 redis.call('XCLAIM', KEYS[2], ARGV[2], ARGV[3], 0, ARGV[1], 'JUSTID')
+return 1
+"""
+
+# Record the tiles done of a job this consumer runs. Guarded like touch: a late write from a
+# consumer that lost the job would show another attempt's progress, and one after the record
+# expired would recreate it as a bare hash without a TTL.
+# KEYS: job; ARGV: stream_id, consumer, done, total -> 1 stored | 0 not this consumer's running job
+_PROGRESS = _PRELUDE + """
+if not running_here(KEYS[1], ARGV[1], ARGV[2]) then return 0 end
+redis.call('HSET', KEYS[1], 'progress_done', ARGV[3], 'progress_total', ARGV[4])
 return 1
 """
 
@@ -395,6 +413,7 @@ class JobRecord:
     owner: str  # SHA-256 of the API key that submitted it; "" without API keys
     wait_s: float | None  # succeeded: submission -> start of the computation that made the result
     compute_s: float | None  # succeeded: that computation
+    progress: tuple[int, int] | None  # (tiles done, tiles in total) of the latest attempt, once reported
 
     @classmethod
     def from_hash(cls, raw: dict[Any, Any]) -> "JobRecord":
@@ -417,6 +436,8 @@ class JobRecord:
             owner=h.get("owner") or "",
             wait_s=_f(h.get("wait_s")),
             compute_s=_f(h.get("compute_s")),
+            progress=(int(h.get("progress_done") or 0), int(h["progress_total"] or 0))
+            if h.get("progress_total") else None,
         )
 
     @classmethod
@@ -512,6 +533,7 @@ class JobQueue:
         self._requeue = redis.register_script(_REQUEUE)
         self._cancel = redis.register_script(_CANCEL)
         self._touch = redis.register_script(_TOUCH)
+        self._progress = redis.register_script(_PROGRESS)
         self._forget = redis.register_script(_FORGET)
         self._cursor = "0-0"
 
@@ -715,6 +737,13 @@ class JobQueue:
         when it is not this consumer's running job any more, or its entry was trimmed."""
         reply = await self._touch(keys=[job_key(delivery.job_id), STREAM],
                                   args=[delivery.stream_id, GROUP, consumer])
+        return int(reply) == 1
+
+    async def progress(self, delivery: Delivery, consumer: str, done: int, total: int) -> bool:
+        """Record that ``done`` of ``total`` tiles of the job ``consumer`` runs are computed; False
+        (nothing written) when it is not this consumer's running job any more."""
+        reply = await self._progress(keys=[job_key(delivery.job_id)],
+                                     args=[delivery.stream_id, consumer, done, total])
         return int(reply) == 1
 
     async def dead_letters(self, count: int = 100) -> list[dict[str, str]]:

@@ -6,7 +6,7 @@ import asyncio
 import base64
 import dataclasses
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
 
@@ -156,15 +156,18 @@ async def run_upscale(
     *,
     priority: Priority = Priority.INTERACTIVE,
     deadline: float | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> Upscaled:
     """Image bytes + options → encoded result: the one path of synchronous requests and jobs.
     ``deadline`` (``time.monotonic()``) defaults to ``request_timeout_s`` from now for interactive
-    requests; background work (jobs) has none: its wait for capacity is not a failure."""
+    requests; background work (jobs) has none: its wait for capacity is not a failure.
+    ``progress(tiles done, tiles in total)`` goes to :meth:`Engine.upscale` (jobs report it)."""
     engine.check_model(params.model)
     decoded = await run_in_threadpool(decode_image, data, ImageLimits.of(settings))
     if deadline is None and priority is Priority.INTERACTIVE:
         deadline = time.monotonic() + settings.request_timeout_s
-    result = await engine.upscale(decoded.image, to_options(params), priority=priority, deadline=deadline)
+    result = await engine.upscale(decoded.image, to_options(params), priority=priority, deadline=deadline,
+                                  progress=progress)
     fmt = params.format or decoded.default_output
     body = await run_in_threadpool(encode_image, result.image, fmt, params.quality)
     return Upscaled(
