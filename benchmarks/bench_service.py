@@ -107,7 +107,7 @@ def serve_process(
     model.cli``, the console script's target, so that it needs no installed ``vpdsr`` script.
     A server still starting when the block is interrupted is stopped all the same."""
     sys.path.insert(0, str(ROOT))
-    from service.testing import wait_ready
+    from tests.live import wait_ready
     from tests.conftest import free_port
 
     port = free_port()

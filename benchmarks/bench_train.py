@@ -1,6 +1,6 @@
 """Training benchmark: seconds per VPD-SR distillation step (Algorithm 1) and peak GPU memory.
 
-One step is exactly what ``vpdsr train distill`` runs per iteration (:meth:`training.engine.Engine.train_step`):
+One step is exactly what ``vpdsr train distill`` runs per iteration (:meth:`training.trainer.Trainer.train_step`):
 Real-ESRGAN degradation on the device, the teacher's 15-step sampling, the student's one step
 forward and backward through L_distill + L_HFP + L_SD (CLIP image tower) + L_adv, the PatchGAN's
 step, AdamW and the EMA update, under bf16 autocast on CUDA. The configuration is the paper's
@@ -27,8 +27,8 @@ import torch
 from model.registry import Registry
 from training.config_files import load_config, parse_override
 from training.data import DataConfig
-from training.distill_trainer import DistillTrainConfig, DistillTrainer
-from training.engine import Engine
+from training.distill_trainer import DistillStage, DistillTrainConfig
+from training.trainer import Trainer
 
 
 def distill_config(preset: str, teacher: str, device: str, out_dir: Path, sets: Sequence[str] = ()) -> DistillTrainConfig:
@@ -48,30 +48,30 @@ def random_hr(data: DataConfig, device: torch.device) -> Iterator[torch.Tensor]:
 
 def time_steps(cfg: DistillTrainConfig, registry: Path, steps: int = 5, warmup: int = 2) -> dict[str, object]:
     """Median seconds of ``steps`` distillation steps after ``warmup`` untimed ones, and peak memory."""
-    engine = Engine(cfg.run, cfg)
+    trainer = Trainer(cfg.run, cfg)
     try:
-        trainer = DistillTrainer(cfg, engine, Registry(registry), alias=None)
-        batches = random_hr(cfg.data, engine.device)
-        cuda = engine.device.type == "cuda"
+        stage = DistillStage(cfg, trainer, Registry(registry), alias=None)
+        batches = random_hr(cfg.data, trainer.device)
+        cuda = trainer.device.type == "cuda"
         times = []
         for index in range(warmup + steps):
             if index == warmup and cuda:
-                torch.cuda.reset_peak_memory_stats(engine.device)
+                torch.cuda.reset_peak_memory_stats(trainer.device)
             started = time.perf_counter()
-            engine.train_step(trainer, batches)
+            trainer.train_step(stage, batches)
             if cuda:
-                torch.cuda.synchronize(engine.device)
+                torch.cuda.synchronize(trainer.device)
             times.append(time.perf_counter() - started)
         return {
             "batch": cfg.data.batch_size,
             "crop": cfg.data.crop_size,
             "step_s": statistics.median(times[warmup:]),
             "steps_s": times,
-            "peak_mem_gib": torch.cuda.max_memory_allocated(engine.device) / 2**30 if cuda else 0.0,
-            "precision": "fp32" if engine.amp_dtype is None else str(engine.amp_dtype).removeprefix("torch."),
+            "peak_mem_gib": torch.cuda.max_memory_allocated(trainer.device) / 2**30 if cuda else 0.0,
+            "precision": "fp32" if trainer.amp_dtype is None else str(trainer.amp_dtype).removeprefix("torch."),
         }
     finally:
-        engine.close()
+        trainer.close()
 
 
 def main() -> None:

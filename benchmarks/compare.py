@@ -40,7 +40,7 @@ from model.registry import Registry
 from training.eval_cli import data_options
 from training.eval_data import EvalData
 from training.evaluate import Row, finite, means
-from training.metrics import NIQEScorer, psnr_y, ssim_y
+from training.quality import NIQEScorer, psnr_y, ssim_y
 
 from crops import side_by_side  # benchmarks/crops.py, next to this script
 

@@ -7,6 +7,7 @@ from .pipeline import SRPipeline, TilePlan
 from .registry import ModelRef, Registry, RegistryEntry
 from .sampler import sample
 from .schedule import ResShiftSchedule
+from .seeds import SEED_LIMIT
 from .unet import SwinUNet
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "Registry",
     "RegistryEntry",
     "ResShiftSchedule",
+    "SEED_LIMIT",
     "SRPipeline",
     "SwinUNet",
     "TilePlan",

@@ -23,6 +23,7 @@ from .config import ModelConfig
 from .device import DTYPES, resolve_device, resolve_dtype
 from .errors import VPDSRError
 from .registry import Registry
+from .seeds import SEED_LIMIT, resolve_seed
 
 DEFAULT_MODEL = "vpdsr-small@production"
 
@@ -60,8 +61,9 @@ def make_upscaler(args: argparse.Namespace) -> batch.Upscaler:
 
 
 class LocalUpscaler:
-    """The model in this process. Loading it checks ``--steps`` and ``--tile`` too, so that a bad
-    option stops the command before the first image instead of failing every one."""
+    """The model in this process. Loading it checks ``--steps``, ``--tile`` and ``--seed`` too (by
+    the rules the service applies), so that a bad option stops the command before the first image
+    instead of failing every one."""
 
     def __init__(self, args: argparse.Namespace) -> None:
         from .pipeline import SRPipeline  # heavy: only for the commands that run the model
@@ -71,8 +73,8 @@ class LocalUpscaler:
             args.model or DEFAULT_MODEL, Registry(args.registry), device=self.device, dtype=resolve_dtype(args.dtype)
         )
         self.steps = self.pipe.check_steps(args.steps)
-        self.tile = None if args.tile is None else self.pipe.check_tile(args.tile)
-        self.seed = args.seed
+        self.tile = self.pipe.check_tile(args.tile)
+        self.seed = None if args.seed is None else resolve_seed(args.seed)
 
     def __call__(self, source: Path, target: Path, fmt: batch.OutputFormat, progress: batch.Progress) -> batch.Upscaled:
         try:
@@ -81,12 +83,14 @@ class LocalUpscaler:
                 image.load()
         except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
             raise batch.InputFailed(f"cannot read it as an image: {exc}") from None
-        result = self.pipe(image, steps=self.steps, seed=self.seed, tile=self.tile, progress=progress)
+        seed = resolve_seed(self.seed)  # without --seed: a random one per image, printed with the result
+        result = self.pipe(image, steps=self.steps, seed=seed, tile=self.tile, progress=progress)
         if fmt == "jpeg" and result.mode in ("RGBA", "LA"):  # JPEG has no alpha
             result = result.convert(result.mode[:-1])
         result.save(target, format=fmt.upper())
         pipe = self.pipe
-        return batch.Upscaled(result.size, f"{pipe.name}:{pipe.version}, {self.steps} step(s), {self.device}")
+        detail = f"{pipe.name}:{pipe.version}, {self.steps} step(s), seed {seed}, {self.device}"
+        return batch.Upscaled(result.size, detail)
 
 
 def import_resshift(args: argparse.Namespace) -> int:
@@ -145,8 +149,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"registry reference: name, name:version or name@alias (default: {DEFAULT_MODEL}; "
                    "with --server: the served model)")
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's own)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tile", type=int, default=None, help="tile size in LR pixels (default: automatic)")
+    p.add_argument("--seed", type=int, default=None,
+                   help=f"noise seed, 0 to {SEED_LIMIT - 1}: the same seed and options give the same result "
+                   "(default: a random seed per image; the seed used is printed with each result)")
+    p.add_argument("--tile", type=int, default=None,
+                   help="tile size in LR pixels, one of the model's tile sizes (default: automatic)")
     p.add_argument("--format", choices=("png", "jpeg", "webp"), default=None,
                    help="format of the results in an output folder (default: jpeg for JPEG inputs, else png)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: skip them)")

@@ -2,7 +2,9 @@
 
 Inference (:class:`model.SRPipeline`) and the diffusion trainers share this one codec, so the
 latents a model is trained on are the latents it is served with:
-``z_y = E(bicubic×sf(LR)) · scale_factor``, ``z0 = E(HR) · scale_factor``, images in [-1, 1].
+``z_y = E(bicubic×upscale(LR)) · latent_scaling``, ``z0 = E(HR) · latent_scaling``, images in [-1, 1].
+The two numbers are the diffusion config's ``scale_factor`` (the latent scaling) and ``sf`` (the
+super-resolution factor).
 """
 
 from __future__ import annotations
@@ -15,18 +17,20 @@ from model.autoencoder import VQAutoencoder
 
 
 class LatentCodec:
-    """A frozen autoencoder and the latent scaling of the diffusion model."""
+    """A frozen autoencoder, the latent scaling of the diffusion model (``latent_scaling``: latents
+    are multiplied by it after encoding, divided before decoding) and the super-resolution factor
+    (``upscale``: LR images are resized by it before encoding)."""
 
     def __init__(
         self,
         autoencoder: VQAutoencoder,
-        scale_factor: float,
-        sf: int,
+        latent_scaling: float,
+        upscale: int,
         memory_format: torch.memory_format = torch.contiguous_format,
     ) -> None:
         self.autoencoder = autoencoder.eval().requires_grad_(False)
-        self.scale_factor = scale_factor
-        self.sf = sf
+        self.latent_scaling = latent_scaling
+        self.upscale = upscale
         self.memory_format = memory_format
 
     def encode(self, image: Tensor) -> Tensor:
@@ -36,12 +40,12 @@ class LatentCodec:
         """
         dtype = self.autoencoder.quant_conv.weight.dtype
         image = image.to(dtype).contiguous(memory_format=self.memory_format)
-        return self.autoencoder.encode(image) * self.scale_factor
+        return self.autoencoder.encode(image) * self.latent_scaling
 
     def encode_lr(self, lr: Tensor) -> Tensor:
-        """z_y: latent of the LR image upsampled ×sf with bicubic interpolation (in float32)."""
-        return self.encode(F.interpolate(lr.float(), scale_factor=self.sf, mode="bicubic", align_corners=False))
+        """z_y: latent of the LR image upsampled ×upscale with bicubic interpolation (in float32)."""
+        return self.encode(F.interpolate(lr.float(), scale_factor=self.upscale, mode="bicubic", align_corners=False))
 
     def decode(self, z: Tensor) -> Tensor:
         """Image in about [-1, 1]; differentiable in ``z`` (straight-through quantisation)."""
-        return self.autoencoder.decode(z / self.scale_factor, quantize=True)
+        return self.autoencoder.decode(z / self.latent_scaling, quantize=True)

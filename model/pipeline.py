@@ -15,7 +15,6 @@ results do not depend on how the image was tiled or batched and a seed reproduce
 from __future__ import annotations
 
 import math
-import random
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from .errors import InvalidRequest
 from .latent import LatentCodec
 from .registry import Registry
 from .sampler import sample
+from .seeds import resolve_seed
 from .schedule import ResShiftSchedule
 from .tiling import TileGrid
 from .unet import SwinUNet
@@ -53,6 +53,7 @@ class TilePlan:
 
     grid: TileGrid
     tiles: list[Tile]
+    seed: int  # of the noise: the same seed, image and tile size give the same result
     height: int
     width: int
     scale: int
@@ -132,7 +133,10 @@ class SRPipeline:
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.unet = unet.eval().requires_grad_(False).to(self.device, dtype, memory_format=memory_format)
         self.autoencoder = autoencoder.eval().requires_grad_(False).to(self.device, dtype, memory_format=memory_format)
-        self.codec = LatentCodec(self.autoencoder, config.diffusion.scale_factor, config.diffusion.sf, memory_format)
+        self.codec = LatentCodec(
+            self.autoencoder, latent_scaling=config.diffusion.scale_factor, upscale=config.diffusion.sf,
+            memory_format=memory_format,
+        )
         # The eager float32 path stays the reference; compile_mode (e.g. "max-autotune" or, on CUDA,
         # "reduce-overhead" for CUDA graphs) traces encode→sample→decode per tile size, see _compiled_forward.
         self.compiled = compile_mode is not None
@@ -146,7 +150,7 @@ class SRPipeline:
         self.latent_scale = self.scale // config.autoencoder.ddconfig.downsample_factor
         self.multiple = max(1, self.unet.size_multiple // self.latent_scale)
         default_tiles = config.tile_sizes or (config.unet.image_size, 2 * config.unet.image_size)
-        self.tile_sizes = tuple(sorted(self.check_tile(t) for t in (tile_sizes or default_tiles)))
+        self.tile_sizes = tuple(sorted(self._tile_geometry(t) for t in (tile_sizes or default_tiles)))
         self.tile_overlap = tile_overlap
         self.max_tile_batch = max_tile_batch
         self.name = name
@@ -174,17 +178,27 @@ class SRPipeline:
         load_into(autoencoder, vq_state, "autoencoder")
         return cls(config, unet, autoencoder, **kwargs)  # type: ignore[arg-type]
 
-    # -- options ---------------------------------------------------------------------------------
-    def check_tile(self, tile: int) -> int:
-        if tile <= 0 or tile % self.multiple:
-            raise InvalidRequest(f"tile size must be a positive multiple of {self.multiple} LR pixels, got {tile}")
+    # -- options: the one rule of each (CLI, service and jobs all ask these; the seed's is resolve_seed)
+    def check_tile(self, tile: int | None) -> int | None:
+        """A requested tile size: one of the model's tile sizes (``tile_sizes`` of its config.json,
+        the shapes the service warms and batches); None leaves the choice to :meth:`layout`."""
+        if tile is not None and tile not in self.tile_sizes:
+            raise InvalidRequest(f"tile must be one of the model's tile sizes {list(self.tile_sizes)}, got {tile}")
         return tile
 
     def check_steps(self, steps: int | None) -> int:
+        """Sampler steps: 1 to the model's diffusion steps; None is the model's ``inference_steps``."""
         steps = self.config.inference_steps if steps is None else steps
         if not 1 <= steps <= self.schedule.num_steps:
             raise InvalidRequest(f"steps must be between 1 and {self.schedule.num_steps} for this model, got {steps}")
         return steps
+
+    def _tile_geometry(self, tile: int) -> int:
+        """What any tile must be for the networks (the tile sizes themselves, and the tile of a direct
+        :meth:`plan` / ``__call__``, which may try any size): a positive multiple of :attr:`multiple`."""
+        if tile <= 0 or tile % self.multiple:
+            raise InvalidRequest(f"tile size must be a positive multiple of {self.multiple} LR pixels, got {tile}")
+        return tile
 
     # -- the three pieces ------------------------------------------------------------------------
     def layout(self, width: int, height: int, tile: int | None = None) -> TileGrid:
@@ -196,13 +210,14 @@ class SRPipeline:
         if tile is None:
             longest = max(padded_h, padded_w)
             tile = next((t for t in self.tile_sizes if t >= longest), self.tile_sizes[-1])
-        tile = self.check_tile(tile)
+        tile = self._tile_geometry(tile)
         padded_h, padded_w = max(padded_h, tile), max(padded_w, tile)
         overlap = int(tile * self.tile_overlap) if tile < max(padded_h, padded_w) else 0
         return TileGrid(padded_h, padded_w, tile, overlap, self.scale)
 
     def plan(self, image: ImageInput, seed: int | None = None, tile: int | None = None) -> TilePlan:
-        """Pad the image and cut it into equal overlapping tiles, each with its share of the noise."""
+        """Pad the image and cut it into equal overlapping tiles, each with its share of the noise
+        (from ``seed``, random when None: :func:`model.seeds.resolve_seed`; the plan keeps it)."""
         rgb, grayscale, alpha = split_alpha(image)
         width, height = rgb.size
         grid = self.layout(width, height, tile)
@@ -210,7 +225,7 @@ class SRPipeline:
 
         lr = torch.from_numpy(np.asarray(rgb, dtype=np.float32)).permute(2, 0, 1)[None] / 127.5 - 1
         lr = _pad(lr, padded_h, padded_w)[0]
-        seed = random.randrange(2**63) if seed is None else seed
+        seed = resolve_seed(seed)
         ls = self.latent_scale
         generator = torch.Generator().manual_seed(seed)
         noise = torch.randn(
@@ -220,7 +235,7 @@ class SRPipeline:
             Tile(lr[:, y : y + tile, x : x + tile], noise[:, y * ls : (y + tile) * ls, x * ls : (x + tile) * ls])
             for y, x in grid.boxes
         ]
-        return TilePlan(grid, tiles, height, width, self.scale, grayscale, alpha)
+        return TilePlan(grid, tiles, seed, height, width, self.scale, grayscale, alpha)
 
     @torch.inference_mode()
     def run_tiles(self, lr: Tensor, noise: Tensor, steps: int | None = None) -> Tensor:

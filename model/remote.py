@@ -79,7 +79,8 @@ class RemoteUpscaler:
         with Image.open(io.BytesIO(answer.body)) as result:
             size = result.size
         model = f"{answer.headers.get('X-Model')}:{answer.headers.get('X-Model-Version')}"
-        return Upscaled(size, f"{model}, {answer.headers.get('X-Steps')} step(s), {self.url}")
+        steps, seed = answer.headers.get("X-Steps"), answer.headers.get("X-Seed")
+        return Upscaled(size, f"{model}, {steps} step(s), seed {seed}, {self.url}")
 
     def _via_job(self, path: str, data: bytes, progress: Progress, too_large: ServerError) -> Answer:
         """Submit, poll, fetch. One Idempotency-Key for the submission and all its resends: a

@@ -16,14 +16,15 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from .body_timeout import BodyTimeoutMiddleware
-from .engine import Engine, EngineState
+from .engine import InferenceEngine
 from .errors import install_error_handlers
-from .jobs.install import install_jobs, start_consuming
+from .jobs import api as jobs_api
+from .jobs.processor import consume_with_engine
+from .jobs.prometheus import JobMetrics
 from .jobs.runtime import JobSystem
 from .methods import HeadAsGetMiddleware
-from .metrics import Metrics, RequestMetricsMiddleware
+from .prometheus import Metrics, RequestMetricsMiddleware
 from .routes import health, models, upscale, web
-from .schemas import CheckResult
 from .settings import Settings
 
 log = logging.getLogger("vpdsr.service")
@@ -46,12 +47,21 @@ class BackgroundWork:
     drain: the jobs in hand get what is left of their grace period, then the engine stops.
     """
 
-    def __init__(self, engine: Engine, jobs: JobSystem, settings: Settings) -> None:
+    def __init__(self, engine: InferenceEngine, jobs: JobSystem, settings: Settings) -> None:
         self.engine = engine
         self.jobs = jobs
         self.settings = settings
         self._loading: asyncio.Task[None] | None = None
         self._consumer_stopped: asyncio.Task[None] | None = None
+
+    @asynccontextmanager
+    async def lifespan(self, _: FastAPI) -> AsyncIterator[None]:
+        """The app's lifespan: start on start-up, stop on shutdown."""
+        await self.start()
+        try:
+            yield
+        finally:
+            await self.stop()
 
     async def start(self) -> None:
         await self.jobs.start()
@@ -63,7 +73,9 @@ class BackgroundWork:
         except Exception:
             log.exception("could not load model %s from %s", self.settings.model, self.settings.registry)
             return
-        start_consuming(self.jobs, self.engine, self.settings)
+        # Once the model is warm: consume jobs in this process too, unless VPDSR_CONSUME_JOBS=false.
+        if self.jobs.enabled and self.settings.consume_jobs:
+            consume_with_engine(self.jobs, self.engine)
 
     def stop_taking_work(self) -> None:
         """Stop loading the model and taking jobs, now; jobs in hand keep running (idempotent)."""
@@ -71,7 +83,7 @@ class BackgroundWork:
             self._loading.cancel()
         consumer = self.jobs.consumer
         if consumer is not None and self._consumer_stopped is None:
-            grace_s = self.jobs.config.shutdown_grace_s
+            grace_s = self.settings.job_shutdown_grace_s
             self._consumer_stopped = asyncio.create_task(consumer.stop(grace_s), name="vpdsr-stop-consuming")
 
     async def stop(self) -> None:
@@ -83,34 +95,26 @@ class BackgroundWork:
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
+    """The app, with everything it holds made first: routes get them as dependencies
+    (:mod:`service.dependencies`), the lifespan starts and stops them (:class:`BackgroundWork`)."""
     settings = settings or Settings()
     metrics = Metrics()
-    engine = Engine(settings, metrics)
+    engine = InferenceEngine(settings, metrics)
+    jobs = JobSystem(settings, metrics=JobMetrics(metrics.registry))  # on /metrics too
+    background = BackgroundWork(engine, jobs, settings)
 
-    @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        await background.start()
-        try:
-            yield
-        finally:
-            await background.stop()
-
-    async def model_ready() -> CheckResult:
-        # The state only: /readyz is unauthenticated, and a load error can name files.
-        return CheckResult(ok=engine.state is EngineState.READY, state=engine.state.value)
-
-    app = FastAPI(title="VPD-SR", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    app = FastAPI(title="VPD-SR", version="0.1.0", description=DESCRIPTION, lifespan=background.lifespan)
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.engine = engine
-    app.state.readiness = {"model": model_ready}
+    app.state.jobs = jobs
+    app.state.background = background
+    # Without VPDSR_REDIS_URL there is no queue to report on (/v1/jobs says so).
+    app.state.readiness = {"model": engine.readiness} | ({"job_queue": jobs.readiness} if jobs.enabled else {})
     install_error_handlers(app)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     app.add_middleware(BodyTimeoutMiddleware, idle_s=settings.body_idle_timeout_s, total_s=settings.body_timeout_s)
     app.add_middleware(HeadAsGetMiddleware, router=app.router)  # outermost: metrics see HEAD as the GET it runs
-    for module in (upscale, models, health, web):
+    for module in (upscale, models, health, web, jobs_api):
         app.include_router(module.router)
-    jobs = install_jobs(app, settings, metrics)
-    background = BackgroundWork(engine, jobs, settings)
-    app.state.background = background
     return app

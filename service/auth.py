@@ -5,18 +5,19 @@ from __future__ import annotations
 import hmac
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from .dependencies import SettingsDep
 from .errors import Unauthorized
 
 bearer = HTTPBearer(auto_error=False, description="one of the server's API keys (only if VPDSR_API_KEYS is set)")
 
 
 async def require_api_key(
-    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+    settings: SettingsDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 ) -> None:
-    keys = request.app.state.settings.api_keys
+    keys = settings.api_keys
     if not keys:
         return
     token = credentials.credentials.encode() if credentials else b""

@@ -1,7 +1,7 @@
 """Dynamic batching of tiles: which waiting tiles the model runs next, together.
 
 A pure data structure — no threads, no I/O, the clock is passed in — so its policy can be tested
-on its own. :class:`service.engine.Engine` drives it from the event loop.
+on its own. :class:`service.engine.InferenceEngine` drives it from the event loop.
 
 Policy:
 

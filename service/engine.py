@@ -1,10 +1,11 @@
 """The warmed model behind a dynamic batcher: the one entry point for every upscale.
 
-Synchronous HTTP requests and background jobs both call :meth:`Engine.upscale`. A request is cut
-into tiles (:meth:`SRPipeline.plan`), its tiles wait in the :class:`~service.batcher.Batcher`
-with those of other requests, batches run on one dedicated model thread (the event loop never
-blocks, so health checks and metrics answer under load), and the request's SR tiles are put
-back together (:meth:`TilePlan.assemble`).
+Synchronous HTTP requests and background jobs both call :meth:`InferenceEngine.upscale` (through
+:func:`service.upscale.run_upscale`), which checks the options, the model reference included. A
+request is cut into tiles (:meth:`SRPipeline.plan`), its tiles wait in the
+:class:`~service.batcher.Batcher` with those of other requests, batches run on one dedicated
+model thread (the event loop never blocks, so health checks and metrics answer under load), and
+the request's SR tiles are put back together (:meth:`TilePlan.assemble`).
 
 Admission is by cost, decided from the image size alone before any pixel is planned:
 
@@ -14,12 +15,12 @@ Admission is by cost, decided from the image size alone before any pixel is plan
   server, or that has more tiles than ``max_queue``, is refused at once: 413
   (:class:`TooLargeForSync`), pointing to ``/v1/jobs`` when Redis is configured;
 - one that could finish, but not behind the interactive tiles already waiting, gets 429
-  (:class:`QueueFull`) with a ``Retry-After`` from the estimate, never above the timeout;
+  (:class:`TileQueueFull`) with a ``Retry-After`` from the estimate, never above the timeout;
 - background work (jobs) is never refused for being busy: its tiles enter the batcher in chunks
   while the background share of the queue (half of ``max_queue``) has room, so an image of any
   size within the pixel limits completes, and the wait is not bounded by a deadline. Interactive
-  tiles always run first. :meth:`Engine.background_ready` lets a job consumer take a job only
-  when there is room for it.
+  tiles always run first. :meth:`InferenceEngine.background_ready` lets a job consumer take a job
+  only when there is room for it.
 
 Other guarantees:
 
@@ -38,7 +39,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -52,6 +52,7 @@ from torch import Tensor
 from model import Registry, SRPipeline
 from model.device import resolve_channels_last, resolve_device, resolve_dtype
 from model.pipeline import Tile, TilePlan
+from model.seeds import resolve_seed
 
 from .batcher import Batch, Batcher, BatchKey, Priority, warm_batch_sizes
 from .errors import (
@@ -61,17 +62,17 @@ from .errors import (
     InvalidParameters,
     ModelNotLoaded,
     NotReady,
-    QueueFull,
     QueueTimeout,
     ServiceError,
+    TileQueueFull,
     TooLargeForSync,
 )
-from .metrics import Metrics
+from .prometheus import Metrics
+from .schemas import CheckResult
 from .settings import Settings
 
 log = logging.getLogger("vpdsr.service")
 
-SEED_LIMIT = 2**53  # random seeds stay exact in JSON / JavaScript numbers
 _EWMA = 0.2  # weight of the newest batch in the seconds-per-tile estimate
 
 
@@ -84,12 +85,24 @@ class EngineState(str, Enum):
 
 @dataclass(frozen=True)
 class UpscaleOptions:
-    """Per-request inference options; None = the model's default."""
+    """Per-request inference options; None = the model's default (the seed: a random one)."""
 
+    model: str | None = None  # a registry reference that must resolve to the loaded model
     steps: int | None = None
     seed: int | None = None
     tile: int | None = None  # one of the pipeline's tile sizes
     scale: int | None = None  # 2..model scale; below the model's, the result is Lanczos-resized
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """Options checked against the loaded model, defaults filled in."""
+
+    pipe: SRPipeline
+    steps: int
+    seed: int
+    tile: int | None  # None: chosen per image by the pipeline's layout
+    scale: int
 
 
 @dataclass(frozen=True)
@@ -138,7 +151,7 @@ def load_pipeline(settings: Settings) -> SRPipeline:
     )
 
 
-class Engine:
+class InferenceEngine:
     """Owns the model, its thread and the batcher. ``start()`` before use, ``stop()`` after."""
 
     def __init__(
@@ -199,6 +212,11 @@ class Engine:
             self._fail(work, NotReady("the server is shutting down"))
         self._executor.shutdown(wait=False, cancel_futures=True)
 
+    async def readiness(self) -> CheckResult:
+        """The ``model`` check of ``/readyz``. The state only: /readyz is unauthenticated, and a
+        load error can name files."""
+        return CheckResult(ok=self.state is EngineState.READY, state=self.state.value)
+
     # -- requests --------------------------------------------------------------------------------
     def ready_pipeline(self) -> SRPipeline:
         if self.state is not EngineState.READY or self.pipeline is None:
@@ -206,28 +224,24 @@ class Engine:
             raise NotReady(f"model {self.settings.model} is {self.state.value}{detail}")
         return self.pipeline
 
-    def check_model(self, ref: str | None) -> None:
-        """Only the loaded model is served: another existing model is a 409, an unknown one 404."""
+    def resolve_options(self, options: UpscaleOptions) -> Resolved:
+        """The options checked against the loaded model, without running it: 503 while it is not
+        ready; for ``model`` 409 (another model of the registry) or 404 (none); 422 for the rest,
+        by the model's own rules (the ones ``vpdsr upscale`` applies). :meth:`upscale` calls it."""
         pipe = self.ready_pipeline()
-        if ref is None:
-            return
-        entry = Registry(self.settings.registry).resolve(ref)
-        if (entry.name, entry.version) != (pipe.name, pipe.version):
-            raise ModelNotLoaded(
-                f"{ref!r} is {entry.ref}, but this server serves {pipe.name}:{pipe.version}; "
-                "omit 'model' or send the request to a server of that model"
-            )
-
-    def resolve_options(self, options: UpscaleOptions) -> tuple[SRPipeline, int, int]:
-        """(pipeline, steps, scale) for these options, or the 422 that the loaded model gives them."""
-        pipe = self.ready_pipeline()
+        if options.model is not None:
+            entry = Registry(self.settings.registry).resolve(options.model)
+            if (entry.name, entry.version) != (pipe.name, pipe.version):
+                raise ModelNotLoaded(
+                    f"{options.model!r} is {entry.ref}, but this server serves {pipe.name}:{pipe.version}; "
+                    "omit 'model' or send the request to a server of that model"
+                )
         steps = pipe.check_steps(options.steps)
         scale = pipe.scale if options.scale is None else options.scale
         if not 2 <= scale <= pipe.scale:
             raise InvalidParameters(f"scale must be between 2 and {pipe.scale}, got {scale}")
-        if options.tile is not None and options.tile not in pipe.tile_sizes:
-            raise InvalidParameters(f"tile must be one of {list(pipe.tile_sizes)} (the warmed tile sizes), got {options.tile}")
-        return pipe, steps, scale
+        tile = pipe.check_tile(options.tile)
+        return Resolved(pipe, steps, resolve_seed(options.seed), tile, scale)
 
     def retry_after(self) -> float:
         """Seconds until the tiles waiting now should be done: the back-off to suggest, capped at
@@ -237,10 +251,12 @@ class Engine:
 
     def estimate(self, width: int, height: int, options: UpscaleOptions = UpscaleOptions()) -> tuple[int, float]:
         """(tiles, model seconds) of upscaling a ``width``×``height`` image alone: sizes only, no pixels."""
-        pipe, steps, _ = self.resolve_options(options)
-        grid = pipe.layout(width, height, options.tile)
+        return self._estimate(self.resolve_options(options), width, height)
+
+    def _estimate(self, resolved: Resolved, width: int, height: int) -> tuple[int, float]:
+        grid = resolved.pipe.layout(width, height, resolved.tile)
         tiles = len(grid.boxes)
-        return tiles, tiles * self._seconds_per_tile((grid.tile, steps))
+        return tiles, tiles * self._seconds_per_tile((grid.tile, resolved.steps))
 
     async def background_ready(self) -> None:
         """Return once the model is ready and the background share of the queue has room: a job
@@ -262,18 +278,19 @@ class Engine:
         ``progress(tiles done, tiles in total)`` is called on the event loop after each batch that
         held tiles of this image (a job's status shows it).
 
+        The options are checked first (:meth:`resolve_options`, the model reference included).
         Interactive requests are admitted by estimated cost (413 / 429) before planning; background
         work is never refused for load and enters the batcher chunk by chunk.
         """
-        pipe, steps, scale = self.resolve_options(options)
-        seed = random.randrange(SEED_LIMIT) if options.seed is None else options.seed
-        cost = self.estimate(image.width, image.height, options) if priority is Priority.INTERACTIVE else (0, 0.0)
+        resolved = self.resolve_options(options)
+        pipe, steps = resolved.pipe, resolved.steps
+        cost = self._estimate(resolved, image.width, image.height) if priority is Priority.INTERACTIVE else (0, 0.0)
         self._admit(*cost)
         # Admitted interactive work holds its place while it is planned, so a burst of requests
         # cannot all pass admission before any of them reaches the batcher.
         self._planning = (self._planning[0] + cost[0], self._planning[1] + cost[1])
         try:
-            plan = await asyncio.to_thread(pipe.plan, image, seed, options.tile)
+            plan = await asyncio.to_thread(pipe.plan, image, resolved.seed, resolved.tile)
         finally:
             self._planning = (self._planning[0] - cost[0], self._planning[1] - cost[1])
 
@@ -303,12 +320,12 @@ class Engine:
             self._works.discard(work)
             await self._notify_room()
         assert work.started_at is not None
-        result = await asyncio.to_thread(_finish, plan, outputs, scale)
+        result = await asyncio.to_thread(_finish, plan, outputs, resolved.scale)
         queue_seconds = work.started_at - work.enqueued_at
         compute_seconds = time.monotonic() - work.started_at
         self.metrics.queue_wait.observe(queue_seconds)
         self.metrics.compute.observe(compute_seconds)
-        return UpscaleResult(result, seed, steps, queue_seconds, compute_seconds, pipe.name, pipe.version)
+        return UpscaleResult(result, plan.seed, steps, queue_seconds, compute_seconds, pipe.name, pipe.version)
 
     def _admit(self, tiles: int, seconds: float) -> None:
         """Refuse an interactive request that cannot finish in time (413) or not behind the queue (429).
@@ -317,7 +334,7 @@ class Engine:
             return
         limit = self.settings.request_timeout_s
         if tiles > self.settings.max_queue or seconds > limit:
-            where = "submit it to POST /v1/jobs" if self.settings.redis_url else "send a smaller image"
+            where = "submit it to POST /v1/jobs" if self.settings.jobs_enabled else "send a smaller image"
             raise TooLargeForSync(
                 f"this image needs {tiles} tiles, about {seconds:.0f} s of compute on this server, more than a "
                 f"synchronous request may take ({limit:.0f} s, {self.settings.max_queue} tiles); {where}"
@@ -325,7 +342,7 @@ class Engine:
         waiting = self._batcher.waiting[Priority.INTERACTIVE] + self._planning[0]
         ahead = self._queued_seconds(Priority.INTERACTIVE) + self._planning[1]
         if waiting + tiles > self.settings.max_queue or ahead + seconds > limit:
-            raise QueueFull(
+            raise TileQueueFull(
                 f"busy: {waiting} tiles (about {ahead:.0f} s) are waiting ahead of this image's {tiles}; retry later",
                 min(limit, max(1.0, ahead + seconds - limit)),
             )

@@ -101,7 +101,9 @@ class Overloaded(ServiceError):
         super().__init__(message, headers={"Retry-After": str(self.retry_after)})
 
 
-class QueueFull(Overloaded):
+class TileQueueFull(Overloaded):
+    """The interactive tiles already waiting for the model leave no room for this request in time."""
+
     status, code = 429, "queue_full"
 
 

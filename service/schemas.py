@@ -6,9 +6,17 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from model.seeds import SEED_LIMIT
+
 
 class UpscaleParams(BaseModel):
-    """Options of ``POST /v1/upscale``: query parameters, or fields of the multipart form."""
+    """Options of ``POST /v1/upscale``: query parameters, or fields of the multipart form.
+
+    Only types are checked here. The ranges of ``seed``, ``steps``, ``tile`` and ``scale`` are the
+    model's own rules, checked once, where the CLI checks them too (:func:`model.seeds.resolve_seed`,
+    :meth:`SRPipeline.check_steps`, :meth:`SRPipeline.check_tile`, ``InferenceEngine.resolve_options``
+    for the scale): 422 ``invalid_parameter``.
+    """
 
     model: str | None = Field(
         None,
@@ -17,20 +25,25 @@ class UpscaleParams(BaseModel):
         "served: another existing model → 409, an unknown one → 404. Default: the loaded model.",
     )
     scale: int | None = Field(
-        None, ge=2, le=4, description="output scale; 4 is the model's own, 2 and 3 resize its result with Lanczos"
+        None, description="output scale, 2 to the model's own (4), the default; below it, the model's result is "
+        "resized with Lanczos"
     )
     format: Literal["png", "jpeg", "webp"] | None = Field(
         None, description="output format; default jpeg for a JPEG input, png otherwise"
     )
     quality: int | None = Field(None, ge=1, le=100, description="jpeg/webp quality (default 90; ignored for png)")
     seed: int | None = Field(
-        None, ge=0, le=2**63 - 1, description="noise seed, for reproducible results; default random (see X-Seed)"
+        None,
+        description=f"noise seed, 0 to {SEED_LIMIT - 1} (2**53 - 1), for reproducible results; default: random "
+        "per request. The seed used is in X-Seed (and a job's result.seed)",
     )
     steps: int | None = Field(
-        None, ge=1, le=1000, description="sampler steps, 1..the model's maximum; default the model's own"
+        None,
+        description="sampler steps, 1 to the model's maximum (max_steps in GET /v1/models); default the model's own",
     )
     tile: int | None = Field(
-        None, ge=1, le=4096, description="tile size in input pixels, one of the model's tile sizes (GET /v1/models)"
+        None, description="tile size in input pixels, one of the model's tile sizes (tile_sizes in GET /v1/models); "
+        "default: chosen per image"
     )
 
 

@@ -1,7 +1,7 @@
 """uvicorn as the service runs it: connection limits, timeouts and a shutdown that stops at once.
 
-``vpdsr serve`` and :func:`service.testing.live_server` both go through :class:`Server`, so tests
-exercise the limits and the shutdown that production has.
+``vpdsr serve`` and the tests' live server (:func:`tests.live.live_server`) both go through
+:class:`Server`, so tests exercise the limits and the shutdown that production has.
 """
 
 from __future__ import annotations

@@ -1,8 +1,10 @@
 """Every knob of the HTTP service and the job worker, read from ``VPDSR_*`` environment variables.
 
 One typed object instead of scattered ``os.environ`` look-ups, so a typo in a deployment fails at
-start-up with a clear validation error rather than at the first request. ``docs/service.md``
-documents each field; the CLI (`vpdsr serve`) overrides the ones given as flags.
+start-up with a clear validation error rather than at the first request. It is the one settings
+source of the service: the API, the job queue and ``vpdsr worker`` all read this object, so a
+new setting is written once, here. ``docs/service.md`` documents each field; the CLI (``vpdsr
+serve``, ``vpdsr worker``) overrides the ones given as flags.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 MB = 1024 * 1024
@@ -60,14 +62,25 @@ class Settings(BaseSettings):
     max_side: int = Field(8192, ge=1, description="longest side of the input, in pixels")
     max_aspect: float = Field(32, ge=1, description="longest side / shortest side of the input")
 
-    # -- Redis job queue (service/jobs) -----------------------------------------------------------
-    redis_url: str | None = None
-    consume_jobs: bool = True
-    job_ttl_s: int = Field(86400, ge=1)
-    job_visibility_timeout_s: int = Field(600, ge=1)
-    job_max_attempts: int = Field(3, ge=1)
-    job_stream_maxlen: int = Field(10000, ge=1)
-    metrics_port: int = Field(9100, ge=0, le=65535)
+    # -- Redis job queue (service/jobs, docs/jobs.md) ---------------------------------------------
+    redis_url: str | None = Field(None, description="redis://, rediss:// or unix:// URL; unset: jobs disabled")
+    consume_jobs: bool = Field(True, description="the API process also runs jobs (`vpdsr worker` always does)")
+    job_ttl_s: int = Field(86400, ge=1, description="lifetime of job records, inputs and results")
+    job_visibility_timeout_s: int = Field(600, ge=1, description="a dead worker's jobs are taken over after this")
+    job_max_attempts: int = Field(3, ge=1, description="attempts before a job is dead-lettered")
+    job_stream_maxlen: int = Field(10000, ge=1, description="cap of the job stream, and the largest backlog accepted")
+    metrics_port: int = Field(9100, ge=0, le=65535, description="Prometheus port of `vpdsr worker`")
+    # consumer tuning
+    job_concurrency: int = Field(4, ge=1, le=256, description="jobs one consumer runs at once (they share batches)")
+    job_shutdown_grace_s: float = Field(
+        45, ge=0, description="on SIGTERM, time for jobs in hand to finish before they are handed back"
+    )
+    job_reclaim_interval_s: float | None = Field(
+        None, gt=0, description="how often to look for jobs of dead workers (default visibility/4, at most 30 s)"
+    )
+    job_stats_interval_s: float = Field(5, gt=0, description="refresh period of the queue gauges")
+    job_block_ms: int = Field(1000, ge=10, le=30000, description="XREADGROUP BLOCK: shutdown reacts within this")
+    job_test_delay_s: float = Field(0, ge=0, description="TESTS ONLY: sleep this long in every job")
 
     # -- fast path (service.engine.load_pipeline) -------------------------------------------------
     compile: Literal["off", "default", "max-autotune", "reduce-overhead"] = Field(
@@ -79,6 +92,11 @@ class Settings(BaseSettings):
         "auto", description="channels-last memory format; auto = on for CUDA"
     )
 
+    @property
+    def jobs_enabled(self) -> bool:
+        """Whether ``/v1/jobs`` and the consumers have a job queue (``VPDSR_REDIS_URL`` is set)."""
+        return bool(self.redis_url)
+
     @field_validator("api_keys", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
@@ -86,3 +104,20 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [key.strip() for key in value.split(",") if key.strip()]
         return value
+
+    @model_validator(mode="after")
+    def _check_job_queue(self) -> Settings:
+        """Job settings that cannot work together: reported at start-up, never at the first job."""
+        if not self.jobs_enabled:
+            return self
+        # No bound on how long one attempt may run: a running job's entry is kept fresh by its
+        # consumer's heartbeat, so the visibility timeout only says how soon a dead worker's job
+        # is taken over.
+        if self.job_ttl_s <= self.job_visibility_timeout_s:
+            raise ValueError(
+                f"VPDSR_JOB_TTL_S ({self.job_ttl_s:g} s) must exceed VPDSR_JOB_VISIBILITY_TIMEOUT_S "
+                f"({self.job_visibility_timeout_s:g} s): a job's input must outlive a reclaim"
+            )
+        if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):  # type: ignore[union-attr]
+            raise ValueError(f"VPDSR_REDIS_URL must be a redis://, rediss:// or unix:// URL, got {self.redis_url!r}")
+        return self

@@ -13,8 +13,8 @@ from PIL import Image
 
 from model.cli import main
 from service.settings import Settings
-from service.testing import live_server
 from tests.conftest import FIXTURES, RedisServer, free_port
+from tests.live import live_server
 
 
 def local(registry: Path) -> list[str]:
@@ -147,3 +147,29 @@ def test_server_sends_a_large_image_through_a_job(
     total = shown[-1][1]
     assert total > 10 and shown[-1] == (total, total), err
     assert any(0 < done < total for done, _ in shown), err
+
+
+def test_cli_and_server_apply_the_same_option_rules_and_report_the_seed(
+    photos: Path, tmp_path: Path, tiny_registry: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One rule per option: a tile or seed the server refuses, the local command refuses with the
+    same message. Without --seed each image gets a random one, printed, that reproduces it."""
+    image = str(photos / "3096.png")
+    tile_error = "tile must be one of the model's tile sizes [16, 32], got 24"
+    seed_error = f"seed must be between 0 and {2**53 - 1}"
+    for option, message in ((["--tile", "24"], tile_error), (["--seed", str(2**53)], seed_error)):
+        assert main(["upscale", image, str(tmp_path / "x.png"), *local(tiny_registry), *option]) == 2
+        assert message in capsys.readouterr().err
+    with live_server(serve(tiny_registry), torch_threads=1) as url:
+        for option, message in ((["--tile", "24"], tile_error), (["--seed", str(2**53)], seed_error)):
+            assert main(["upscale", image, str(tmp_path / "x.png"), "--server", url, *option]) == 2
+            assert f"server answered 422 invalid_parameter: {message}" in capsys.readouterr().err
+        assert main(["upscale", image, str(tmp_path / "remote.png"), "--server", url, "--tile", "16"]) == 0
+        assert re.search(r", seed \d+, http://", capsys.readouterr().out)
+
+    first, again = tmp_path / "first.png", tmp_path / "again.png"
+    assert main(["upscale", image, str(first), *local(tiny_registry)]) == 0
+    seed = re.search(r", seed (\d+), cpu\)", capsys.readouterr().out)
+    assert seed is not None
+    assert main(["upscale", image, str(again), *local(tiny_registry), "--seed", seed.group(1)]) == 0
+    assert first.read_bytes() == again.read_bytes()

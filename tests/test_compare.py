@@ -64,7 +64,7 @@ def test_compare_registry_models(compare: ModuleType, registry: Path, hr_dir: Pa
     assert set(report["per_image"][0]) == {"name", "bicubic", "tiny:1", "tiny-teacher:1"}
 
     # The bicubic row is bicubic ×4 of the same LR that `vpdsr evaluate` makes.
-    from training.metrics import psnr_y
+    from training.quality import psnr_y
 
     hr = Image.open(hr_dir / "a.png")
     bicubic = hr.resize((16, 16), Image.Resampling.BICUBIC).resize((64, 64), Image.Resampling.BICUBIC)

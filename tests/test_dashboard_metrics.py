@@ -9,8 +9,8 @@ import httpx
 import yaml
 
 from service.settings import Settings
-from service.testing import live_server
 from tests.conftest import FIXTURES, free_port
+from tests.live import live_server
 from tests.test_deploy import ALERTS_YML, DASHBOARD, collect_exprs, metric_names
 
 SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import math
 from pathlib import Path
@@ -74,7 +73,7 @@ def high_frequency_energy(images: Tensor) -> float:
 
 def noiseless(stage: StageConfig) -> StageConfig:
     """``stage`` with its noise switched off (Gaussian of σ = 0)."""
-    return dataclasses.replace(stage, gaussian_noise_prob=1.0, gaussian_sigma=(0.0, 0.0))
+    return stage.model_copy(update=dict(gaussian_noise_prob=1.0, gaussian_sigma=(0.0, 0.0)))
 
 
 # ------------------------------------------------------------------ Degrader end to end
@@ -122,25 +121,24 @@ def test_default_config_is_resshift_x4_realsr() -> None:
 def test_degrader_noise_raises_variance_of_a_flat_image() -> None:
     flat = torch.full((2, 3, 128, 128), 0.5)
     base = DegradationConfig()
-    quiet = dataclasses.replace(base, first=noiseless(base.first), second=noiseless(base.second))
-    loud = dataclasses.replace(
-        base,
-        first=dataclasses.replace(base.first, gaussian_noise_prob=1.0),
-        second=dataclasses.replace(base.second, gaussian_noise_prob=1.0),
-    )
+    quiet = base.model_copy(update=dict(first=noiseless(base.first), second=noiseless(base.second)))
+    loud = base.model_copy(update=dict(
+        first=base.first.model_copy(update=dict(gaussian_noise_prob=1.0)),
+        second=base.second.model_copy(update=dict(gaussian_noise_prob=1.0)),
+    ))
     assert Degrader(quiet)(flat, 0).var() < 1e-6
     assert Degrader(loud)(flat, 0).var() > 1e-4
 
 
 def test_degrader_final_jpeg_leaves_8x8_blocks() -> None:
     base = DegradationConfig()
-    first = dataclasses.replace(noiseless(base.first), jpeg_quality=(95.0, 95.0))
+    first = noiseless(base.first).model_copy(update=dict(jpeg_quality=(95.0, 95.0)))
 
     def lr(quality: float) -> Tensor:
-        second = dataclasses.replace(noiseless(base.second), jpeg_quality=(quality, quality))
-        cfg = dataclasses.replace(
-            base, first=first, second=second, second_order_prob=0.0, final_sinc_prob=0.0, jpeg_last_prob=1.0
-        )
+        second = noiseless(base.second).model_copy(update=dict(jpeg_quality=(quality, quality)))
+        cfg = base.model_copy(update=dict(
+            first=first, second=second, second_order_prob=0.0, final_sinc_prob=0.0, jpeg_last_prob=1.0
+        ))
         return Degrader(cfg)(smooth_image(512), 0)
 
     assert blockiness(lr(30.0)) > 1.5 * blockiness(lr(95.0))

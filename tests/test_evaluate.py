@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from model.cli import main
-from training.metrics import IQAMetrics, gaussian_window, psnr, psnr_y, rgb_to_y, ssim, ssim_y
+from training.quality import IQAMetrics, gaussian_window, psnr, psnr_y, rgb_to_y, ssim, ssim_y
 from training.niqe import niqe
 
 

@@ -27,8 +27,8 @@ from service.app import create_app
 from service.engine import load_pipeline
 from service.server import Server
 from service.settings import Settings
-from service.testing import wait_ready
 from tests.conftest import free_port
+from tests.live import wait_ready
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 

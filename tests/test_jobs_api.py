@@ -17,23 +17,25 @@ from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
 from service.jobs.consumer import JobConsumer, JobInput, JobOutput
-from service.jobs.metrics import JobMetrics
-from service.jobs.queue import STREAM, JobQueue
+from service.jobs.keys import STREAM
+from service.jobs.prometheus import JobMetrics
+from service.jobs.queue import JobQueue
 from service.settings import Settings
-from service.testing import live_server, scrape
 from tests.conftest import RedisServer, free_port
 from tests.conftest import random_png as png
+from tests.live import live_server, scrape
 
 pytestmark = pytest.mark.timeout(120)
 
 # Consumer knobs for tests: react within 0.1-0.2 s instead of 1-5 s.
-FAST_JOBS = {"VPDSR_JOB_BLOCK_MS": "100", "VPDSR_JOB_STATS_INTERVAL_S": "0.2", "VPDSR_JOB_RECLAIM_INTERVAL_S": "0.2"}
+FAST_JOBS = {"job_block_ms": 100, "job_stats_interval_s": 0.2, "job_reclaim_interval_s": 0.2}
 
 
 def make_settings(registry: Path, **kw: object) -> Settings:
     base: dict = dict(
         registry=registry, model="tiny@production", device="cpu", port=free_port(), max_batch_size=2,
         max_delay_ms=5, request_timeout_s=10, job_visibility_timeout_s=30, job_ttl_s=600, max_pixels=256 * 256,
+        **FAST_JOBS,
     )
     base.update(kw)
     return Settings(**base)
@@ -41,11 +43,8 @@ def make_settings(registry: Path, **kw: object) -> Settings:
 
 @contextmanager
 def serve(settings: Settings) -> Iterator[httpx.Client]:
-    with pytest.MonkeyPatch.context() as mp:
-        for name, value in FAST_JOBS.items():
-            mp.setenv(name, value)
-        with live_server(settings, torch_threads=1) as url, httpx.Client(base_url=url, timeout=30) as client:
-            yield client
+    with live_server(settings, torch_threads=1) as url, httpx.Client(base_url=url, timeout=30) as client:
+        yield client
 
 
 @pytest.fixture(scope="module")
@@ -148,6 +147,9 @@ def test_progress_rises_to_the_total_while_a_job_runs(client: httpx.Client) -> N
     done = [d for d, _ in seen]
     assert {t for _, t in seen} == {total} and done == sorted(done), seen
     assert done[0] <= total // 4 and len(set(done)) >= 3, seen
+    # No seed was sent: the job drew one, and says which (in its record and on its result).
+    seed = body["result"]["seed"]
+    assert 0 <= seed < 2**53 and client.get(body["result_url"]).headers["x-seed"] == str(seed)
 
 
 def test_options_and_multipart_as_for_upscale(client: httpx.Client) -> None:

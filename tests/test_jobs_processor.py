@@ -1,4 +1,4 @@
-"""The service's job processor on a real Engine (tiny model, in-process) and a real Redis: waiting
+"""The service's job processor on a real InferenceEngine (tiny model, in-process) and a real Redis: waiting
 for the model or for room in the batcher never fails a job or uses up an attempt."""
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 
 from model import SRPipeline
-from service.engine import Engine, load_pipeline
+from service.engine import InferenceEngine, load_pipeline
 from service.jobs.consumer import JobConsumer
-from service.jobs.metrics import JobMetrics
+from service.jobs.prometheus import JobMetrics
 from service.jobs.processor import make_processor
 from service.jobs.queue import JobQueue
-from service.metrics import Metrics
+from service.prometheus import Metrics
 from service.settings import Settings
 from tests.conftest import random_png as png
 
@@ -46,7 +46,7 @@ async def test_job_waits_for_the_model_and_for_room(tiny_registry: Path, redis: 
         loaded.wait(30)
         return load_pipeline(settings)
 
-    engine = Engine(settings, Metrics(), load=slow_load)
+    engine = InferenceEngine(settings, Metrics(), load=slow_load)
     queue = JobQueue(redis, ttl_s=60, visibility_timeout_s=5, max_attempts=1, stream_maxlen=100)
     job_id = (await queue.submit(png(80, seed=3), None, {"seed": 5})).job.id  # 16 tiles > max_queue 4
     consumer = JobConsumer(queue, make_processor(engine, settings), name="c", block_ms=50,

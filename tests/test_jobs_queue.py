@@ -18,9 +18,10 @@ from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from service.jobs.consumer import JobConsumer, JobError, JobInput, JobOutput
-from service.jobs.metrics import JobMetrics
-from service.jobs.queue import DEAD_STREAM, GROUP, INFLIGHT, STREAM, JobQueue, QueueFull, job_key, result_key
+from service.jobs.consumer import JobConsumer, JobInput, JobOutput, PermanentJobError
+from service.jobs.prometheus import JobMetrics
+from service.jobs.keys import DEAD_STREAM, GROUP, INFLIGHT, STREAM, job_key, result_key
+from service.jobs.queue import BacklogFull, JobQueue
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -161,7 +162,7 @@ async def test_permanent_error_fails_without_retry(redis: Redis) -> None:
 
     async def reject(job: JobInput) -> JobOutput:
         calls.append(job.attempt)
-        raise JobError("invalid_image", "not an image")
+        raise PermanentJobError("invalid_image", "not an image")
 
     job_id = (await queue.submit(b"abc", None, {})).job.id
     async with running(JobConsumer(queue, reject, name="c", metrics=m, block_ms=100)):
@@ -232,7 +233,7 @@ async def test_backlog_beyond_maxlen_is_refused(redis: Redis) -> None:
     queue = make_queue(redis, stream_maxlen=5)
     for _ in range(5):
         await queue.submit(b"x", None, {})
-    with pytest.raises(QueueFull):
+    with pytest.raises(BacklogFull):
         await queue.submit(b"x", None, {})
     assert (await queue.stats()).length == 5
     await queue.read("w", 1, 10)  # one delivered: room for one more

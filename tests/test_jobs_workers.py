@@ -24,11 +24,12 @@ from PIL import Image
 from redis import Redis
 
 from model.config import AutoencoderConfig, DDConfig, ModelConfig, UNetConfig
-from service.jobs.queue import DEAD_STREAM, GROUP, STREAM, JobQueue, job_key
+from service.jobs.keys import DEAD_STREAM, GROUP, STREAM, job_key
+from service.jobs.queue import JobQueue
 from service.settings import Settings
-from service.testing import live_server, scrape
 from tests.conftest import RedisServer, free_port, save_tiny_model
 from tests.conftest import random_png as png
+from tests.live import live_server, scrape
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -303,7 +304,7 @@ def test_twenty_concurrent_jobs_survive_a_killed_worker(micro_registry: Path, re
                                                         workers: list[Worker], tmp_path: Path) -> None:
     """Issue 15: 20 concurrent POST /v1/jobs of one 256² PNG (121 tiles: more than the background
     half of max_queue 128) to one API and one worker, which is SIGKILLed after a second; another
-    worker is started. Used to end 19/20 failed (QueueFull); now 20/20 succeed, each exactly once."""
+    worker is started. Used to end 19/20 failed (queue_full); now 20/20 succeed, each exactly once."""
     first = micro_worker(micro_registry, redis_server.url, tmp_path / "first.log", max_queue=128)
     workers.append(first)
     r = Redis.from_url(redis_server.url)

@@ -115,9 +115,9 @@ def test_patch_discriminator_clear_errors() -> None:
 # -- L_SD (CLIP) -----------------------------------------------------------------------------------
 def test_clip_without_weights_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ClipWeightsMissing, match="pretrained_path"):
-        ClipSemanticLoss(ClipConfig("ViT-B-32"))
+        ClipSemanticLoss(ClipConfig(model_name="ViT-B-32"))
     with pytest.raises(ValueError, match="not found"):
-        ClipSemanticLoss(ClipConfig("ViT-B-32", pretrained_path=str(tmp_path / "missing.bin")))
+        ClipSemanticLoss(ClipConfig(model_name="ViT-B-32", pretrained_path=str(tmp_path / "missing.bin")))
 
 
 def test_clip_loads_weights_from_local_file(tmp_path: Path, tiny_clip_config: Path) -> None:
@@ -131,7 +131,9 @@ def test_clip_loads_weights_from_local_file(tmp_path: Path, tiny_clip_config: Pa
     torch.save(reference.state_dict(), weights)
 
     torch.manual_seed(1)  # a different random init, which the file must overwrite
-    loss = ClipSemanticLoss(ClipConfig(name, str(weights), model_config_path=str(tiny_clip_config)))
+    loss = ClipSemanticLoss(
+        ClipConfig(model_name=name, pretrained_path=str(weights), model_config_path=str(tiny_clip_config))
+    )
     images = torch.rand(2, 3, 32, 32) * 2 - 1
     expected = torch.nn.functional.normalize(reference.encode_image(loss.preprocess(images)), dim=-1)
     torch.testing.assert_close(loss.embed(images), expected)
@@ -139,7 +141,7 @@ def test_clip_loads_weights_from_local_file(tmp_path: Path, tiny_clip_config: Pa
 
 
 def test_clip_loss_zero_for_identical_and_gradients_reach_sr_only(tiny_clip_config: Path) -> None:
-    loss = ClipSemanticLoss(ClipConfig(tiny_clip_config.stem, random_weights_ok=True,
+    loss = ClipSemanticLoss(ClipConfig(model_name=tiny_clip_config.stem, random_weights_ok=True,
                                        model_config_path=str(tiny_clip_config)))
     loss.train()  # the trainer's .train() must not unfreeze or change the encoder's mode
     assert not loss.visual.training
@@ -168,7 +170,7 @@ class _CentredMean(nn.Module):
 
 
 def test_clip_loss_is_two_for_opposite_embeddings(tiny_clip_config: Path) -> None:
-    loss = ClipSemanticLoss(ClipConfig(tiny_clip_config.stem, random_weights_ok=True,
+    loss = ClipSemanticLoss(ClipConfig(model_name=tiny_clip_config.stem, random_weights_ok=True,
                                        model_config_path=str(tiny_clip_config)))
     loss.visual = _CentredMean(loss.mean, loss.std)
     sr = torch.rand(3, 3, 32, 32) * 1.8 - 0.9

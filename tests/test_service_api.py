@@ -14,8 +14,8 @@ from PIL import Image
 
 from service.routes.upscale import wants_json
 from service.settings import Settings
-from service.testing import live_server, scrape
 from tests.conftest import FIXTURES, free_port
+from tests.live import live_server, scrape
 
 PHOTOS = FIXTURES / "service"
 

@@ -17,12 +17,12 @@ from torch import Tensor
 
 from model import SRPipeline
 from service.batcher import Batcher, Priority, warm_batch_sizes
-from service.engine import Engine, UpscaleOptions
-from service.errors import TooLargeForSync, ComputeFailed, ComputeTimeout, QueueFull, QueueTimeout
-from service.metrics import Metrics
+from service.engine import InferenceEngine, UpscaleOptions
+from service.errors import ComputeFailed, ComputeTimeout, QueueTimeout, TileQueueFull, TooLargeForSync
+from service.prometheus import Metrics
 from service.settings import Settings
-from service.testing import live_server, scrape
 from tests.conftest import free_port
+from tests.live import live_server, scrape
 
 
 def noise_png(width: int, height: int, seed: int = 0) -> bytes:
@@ -128,8 +128,8 @@ def tiny_pipe(tiny_registry: Path) -> SRPipeline:
     return SRPipeline.from_registry("tiny@production", tiny_registry, tile_sizes=(16,))
 
 
-async def started_engine(registry: Path, pipe: Instrumented, **overrides: object) -> Engine:
-    engine = Engine(settings_for(registry, **overrides), Metrics(), load=lambda: pipe)  # type: ignore[arg-type,return-value]
+async def started_engine(registry: Path, pipe: Instrumented, **overrides: object) -> InferenceEngine:
+    engine = InferenceEngine(settings_for(registry, **overrides), Metrics(), load=lambda: pipe)  # type: ignore[arg-type,return-value]
     await engine.start()
     return engine
 
@@ -191,7 +191,7 @@ async def test_cancelled_request_costs_no_compute(tiny_registry: Path, tiny_pipe
 
 
 async def test_background_work_larger_than_the_queue_enters_in_chunks(tiny_registry: Path, tiny_pipe: SRPipeline) -> None:
-    """A job never gets QueueFull: its 25 tiles enter the background half of a 4-tile queue two at a
+    """A job never gets TileQueueFull: its 25 tiles enter the background half of a 4-tile queue two at a
     time, and an interactive request sent meanwhile still goes first."""
     pipe = Instrumented(tiny_pipe, delay=0.02)
     engine = await started_engine(tiny_registry, pipe, max_batch_size=2, max_delay_ms=0, max_queue=4)
@@ -249,7 +249,7 @@ async def test_sync_admission_by_estimated_cost(tiny_registry: Path, tiny_pipe: 
         assert too_large.value.status == 413 and "/v1/jobs" in too_large.value.message
         ahead = [asyncio.create_task(engine.upscale(image(), UpscaleOptions(seed=i))) for i in range(4)]
         await until(lambda: len(pipe.batches) == 1)
-        with pytest.raises(QueueFull) as busy:
+        with pytest.raises(TileQueueFull) as busy:
             await engine.upscale(image(width=24, height=24))  # 4 tiles = 0.8 s behind 0.6 s of queue
         assert busy.value.status == 429 and 1 <= busy.value.retry_after <= 1.0 + 1
         assert all(r.image.size == (64, 64) for r in await asyncio.gather(*ahead))

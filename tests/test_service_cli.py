@@ -17,8 +17,8 @@ from PIL import Image
 from pydantic import ValidationError
 
 from service.settings import Settings
-from service.testing import live_server, wait_ready
 from tests.conftest import free_port
+from tests.live import live_server, wait_ready
 
 DOCS = Path(__file__).parents[1] / "docs" / "service.md"
 VPDSR = str(Path(sys.executable).with_name("vpdsr"))

@@ -24,8 +24,8 @@ import httpx
 import pytest
 
 from service.settings import Settings
-from service.testing import live_server, wait_ready
 from tests.conftest import RedisServer, free_port, random_png
+from tests.live import live_server, wait_ready
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -189,7 +189,7 @@ def test_multipart_option_fields_are_not_nullable(client: httpx.Client) -> None:
         assert {"model", "scale", "format", "quality", "seed", "steps", "tile"} <= set(fields)
         for name, schema in fields.items():
             assert "null" not in str(schema) and schema.get("type") in ("string", "integer"), (path, name, schema)
-        assert fields["format"]["enum"] == ["png", "jpeg", "webp"] and fields["steps"]["minimum"] == 1
+        assert fields["format"]["enum"] == ["png", "jpeg", "webp"] and fields["quality"]["minimum"] == 1
 
 
 def test_unknown_model_404_does_not_show_the_registry_path(client: httpx.Client, tiny_registry: Path) -> None:

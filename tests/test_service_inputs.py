@@ -17,8 +17,8 @@ from PIL import Image, ImageCms
 from service.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 from service.imageio import ImageLimits, decode_image, encode_image
 from service.settings import Settings
-from service.testing import live_server, scrape
 from tests.conftest import FIXTURES, free_port
+from tests.live import live_server, scrape
 
 PHOTOS = FIXTURES / "service"
 MAX_BODY = 64 * 1024

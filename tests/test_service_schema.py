@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 from service.settings import Settings
-from service.testing import live_server
 from tests.conftest import free_port
+from tests.live import live_server
 
 
 def test_openapi_fuzzing_finds_no_server_errors(tiny_registry: Path, tmp_path: Path, redis_server) -> None:

@@ -15,7 +15,7 @@ from model.registry import Registry
 from training.autoencoder_trainer import AutoencoderTrainConfig
 from training.config_files import ConfigError, load_config
 from training.resampler_init import init_as_resampler
-from tests.test_train_engine import IMAGES, check_resume_is_exact, metrics, train
+from tests.test_trainer import IMAGES, check_resume_is_exact, metrics, train
 
 
 def test_autoencoder_training_writes_an_autoencoder_only_entry(tmp_path: Path) -> None:

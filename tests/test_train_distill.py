@@ -13,10 +13,10 @@ from model.cli import main
 from model.pipeline import SRPipeline
 from model.registry import Registry
 from tests.conftest import save_tiny_model
-from tests.test_train_engine import FAST, IMAGES, assert_identical, check_resume_is_exact, metrics, torchrun, train
+from tests.test_trainer import FAST, IMAGES, assert_identical, check_resume_is_exact, metrics, torchrun, train
 from training.config_files import load_config, parse_override
-from training.distill_trainer import DistillTrainConfig, DistillTrainer
-from training.engine import Engine
+from training.distill_trainer import DistillStage, DistillTrainConfig
+from training.trainer import Trainer
 from training.stream import hr_batches
 
 # A CLIP whose image tower is one 32² transformer layer: random weights, built in milliseconds.
@@ -90,17 +90,17 @@ def test_gradients_reach_the_student_only(tmp_path: Path, registry: Path, tiny_c
     overrides = [parse_override(s) for s in FAST + tiny_clip[1::2]]
     overrides += [("teacher", "tiny-teacher"), ("data.sources", [str(IMAGES)]), ("run.out_dir", str(tmp_path))]
     cfg = load_config(DistillTrainConfig, "distill-small", overrides)
-    engine = Engine(cfg.run, cfg)
+    trainer = Trainer(cfg.run, cfg)
     try:
-        trainer = DistillTrainer(cfg, engine, Registry(registry), alias=None)
-        out = trainer.losses(next(hr_batches(cfg.data, engine.device)), step=0)
+        stage = DistillStage(cfg, trainer, Registry(registry), alias=None)
+        out = stage.losses(next(hr_batches(cfg.data, trainer.device)), step=0)
         assert set(out.log) == ALL_TERMS
         out.minimise["student"].backward()
-        student = trainer.student.module
+        student = stage.student.module
         assert all(p.grad is not None for p in student.parameters())
         assert sum(float(p.grad.abs().sum()) for p in student.parameters()) > 0
-        discriminator = trainer.adversary.part.module  # type: ignore[union-attr]
-        frozen = [trainer.teacher, trainer.latents.autoencoder, trainer.clip]
+        discriminator = stage.adversary.part.module  # type: ignore[union-attr]
+        frozen = [stage.teacher, stage.latents.autoencoder, stage.clip]
         for module in [*frozen, discriminator]:
             assert all(p.grad is None for p in module.parameters())
         assert not any(p.requires_grad for m in frozen for p in m.parameters())
@@ -110,7 +110,7 @@ def test_gradients_reach_the_student_only(tmp_path: Path, registry: Path, tiny_c
         assert all(p.grad is not None for p in discriminator.parameters())
         assert all(torch.equal(a, p.grad) for a, p in zip(before, student.parameters()))  # fakes were detached
     finally:
-        engine.close()
+        trainer.close()
 
 
 def test_semantic_loss_needs_clip_weights_unless_switched_off(
@@ -128,3 +128,16 @@ def test_semantic_loss_needs_clip_weights_unless_switched_off(
           "--set", "losses.semantic.enabled=false", "--set", "losses.adversarial.enabled=false")
     assert {k for k in metrics(tmp_path / "ablation")[0] if k.startswith("loss/")} == {"loss/distill", "loss/hfp", "loss/total"}
     assert Registry(registry).resolve("vpdsr-small").config().provenance["losses"] == {"distill": 1.0, "hfp": 0.1}
+
+
+def test_adaptive_adversarial_weight_is_logged_and_checked(tmp_path: Path, registry: Path, tiny_clip: list[str]) -> None:
+    """``adaptive_weight`` scales λ_adv by VQGAN's gradient ratio; the factor is logged every step."""
+    train("distill", "distill-small", registry, tmp_path / "run", "--steps", "2", "--teacher", "tiny-teacher",
+          "--name", "balanced", "--set", "adaptive_weight=true", *tiny_clip)
+    rows = metrics(tmp_path / "run")
+    assert rows and all(row["weight/adversarial"] > 0 for row in rows)
+    with pytest.raises(Exception, match="adaptive_weight balances"):
+        from training.config_files import load_config
+        from training.distill_trainer import DistillTrainConfig
+
+        load_config(DistillTrainConfig, "distill-small", [("adaptive_weight", True), ("losses.adversarial.enabled", False)])

@@ -10,7 +10,7 @@ from PIL import Image
 from model.cli import main
 from model.registry import Registry
 from tests.conftest import TINY_AUTOENCODER, save_tiny_model
-from tests.test_train_engine import IMAGES, check_resume_is_exact, metrics, train
+from tests.test_trainer import IMAGES, check_resume_is_exact, metrics, train
 
 
 def test_teacher_from_a_registry_autoencoder_runs_in_vpdsr_upscale(tmp_path: Path) -> None:
@@ -58,8 +58,7 @@ def test_training_latents_match_the_inference_pipeline(tiny_registry: Path) -> N
 
     pipe = SRPipeline.from_registry("tiny", tiny_registry)
     _, vq_state = Registry(tiny_registry).resolve("tiny").state_dicts()
-    diffusion = pipe.config.diffusion
-    codec = build_codec(pipe.config.autoencoder, vq_state, diffusion.scale_factor, diffusion.sf, torch.device("cpu"))
+    codec = build_codec(pipe.config.autoencoder, vq_state, pipe.config.diffusion, torch.device("cpu"))
     lq = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
     z_y = codec.encode_lr(lq)
     torch.testing.assert_close(z_y, pipe.codec.encode_lr(lq), rtol=0, atol=0)

@@ -19,8 +19,8 @@ import pytest
 from PIL import Image
 
 from service.settings import Settings
-from service.testing import live_server
 from tests.conftest import FIXTURES, RedisServer, free_port
+from tests.live import live_server
 
 PHOTO = FIXTURES / "images" / "108005.jpg"
 WAIT_S = 120

@@ -8,33 +8,31 @@ per step, as DDP expects). Both parts then step in the same iteration.
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
-
 import torch
+from pydantic import Field
 from torch import Tensor
 
-from .engine import Engine, OptimConfig, frozen
+from .config_files import Config
 from .losses import DiscriminatorConfig, PatchDiscriminator, generator_adv_loss, hinge_d_loss
+from .trainer import OptimConfig, Trainer, frozen
 
 PART = "discriminator"
 
 
-@dataclass(frozen=True)
-class DiscriminatorSetup:
+class DiscriminatorSetup(Config):
     """The discriminator network, its optimiser, and the step from which the adversarial terms apply."""
 
-    network: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, betas=(0.5, 0.9)))
+    network: DiscriminatorConfig = Field(default_factory=DiscriminatorConfig)
+    optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=1e-4, betas=(0.5, 0.9)))
     start_step: int = 0
 
 
 class Adversary:
     """A discriminator trained alongside a generator."""
 
-    def __init__(self, engine: Engine, setup: DiscriminatorSetup, in_channels: int) -> None:
-        network = PatchDiscriminator(dataclasses.replace(setup.network, in_channels=in_channels))
-        self.part = engine.add_part(PART, network, setup.optim)
+    def __init__(self, trainer: Trainer, setup: DiscriminatorSetup, in_channels: int) -> None:
+        network = PatchDiscriminator(setup.network.model_copy(update={"in_channels": in_channels}))
+        self.part = trainer.add_part(PART, network, setup.optim)
         self.start_step = setup.start_step
 
     def active(self, step: int) -> bool:

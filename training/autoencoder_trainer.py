@@ -9,43 +9,43 @@ its autoencoder from such an entry (``--autoencoder NAME``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Self
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, model_validator
 from torch import Tensor
 
 from model.autoencoder import VQAutoencoder
 from model.config import AutoencoderConfig, ModelConfig
 from model.registry import Registry, RegistryEntry
 
-from . import engine as engine_lib
+from . import trainer as trainer_lib
 from .adversary import Adversary, DiscriminatorSetup
+from .config_files import Config
 from .data import DataConfig
-from .engine import Engine, Losses, LossTerm, OptimConfig, RunConfig
 from .losses import adaptive_weight
 from .resampler_init import check as check_resampler
 from .resampler_init import init_as_resampler
+from .trainer import Losses, LossTerm, OptimConfig, RunConfig, Trainer
 
 KIND = "autoencoder"
 
 
-@dataclass(frozen=True)
-class AutoencoderTrainConfig:
+class AutoencoderTrainConfig(Config):
     """Everything an autoencoder run needs (``training/configs/autoencoder-*.yaml``)."""
 
     name: str = "vq-f4"
-    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
-    l1: LossTerm = field(default_factory=LossTerm)
-    codebook: LossTerm = field(default_factory=LossTerm)
+    autoencoder: AutoencoderConfig = Field(default_factory=AutoencoderConfig)
+    l1: LossTerm = Field(default_factory=LossTerm)
+    codebook: LossTerm = Field(default_factory=LossTerm)
     """Weight of codebook + commitment losses (the commitment β is inside the quantiser)."""
-    adversarial: LossTerm = field(default_factory=lambda: LossTerm(enabled=False, weight=0.1))
+    adversarial: LossTerm = Field(default_factory=lambda: LossTerm(enabled=False, weight=0.1))
     adaptive_weight: bool = False
     """Scale the adversarial weight by VQGAN's adaptive factor (:func:`training.losses.adaptive_weight`,
     against the L1 term): ``adversarial.weight`` is then the GAN's share of the force on the decoder."""
-    anchor: LossTerm = field(default_factory=lambda: LossTerm(enabled=False, weight=1.0))
+    anchor: LossTerm = Field(default_factory=lambda: LossTerm(enabled=False, weight=1.0))
     """L1 between the latent and the bicubic ×1/f image (needs embed_dim 3). Off for real models; the
     small CPU-trained demo chain uses it so its latent stays image-like: then z_y ≈ z0 and the
     decoder learns most of the super-resolution, which a few CPU minutes can train."""
@@ -53,12 +53,13 @@ class AutoencoderTrainConfig:
     """``resampler`` starts encoder and decoder as box-down / bilinear-up with identity residual
     blocks (``training/resampler_init.py``), so a short run learns only the detail; pairs with
     ``anchor``. ``random`` is PyTorch's default initialisation, as for the official VQGAN."""
-    discriminator: DiscriminatorSetup = field(default_factory=DiscriminatorSetup)
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, betas=(0.5, 0.9)))
-    data: DataConfig = field(default_factory=DataConfig)
-    run: RunConfig = field(default_factory=lambda: RunConfig(ema_decay=None))
+    discriminator: DiscriminatorSetup = Field(default_factory=DiscriminatorSetup)
+    optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=1e-4, betas=(0.5, 0.9)))
+    data: DataConfig = Field(default_factory=DataConfig)
+    run: RunConfig = Field(default_factory=lambda: RunConfig(ema_decay=None))
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _check(self) -> Self:
         factor = self.autoencoder.ddconfig.downsample_factor
         if self.data.crop_size % factor:
             raise ValueError(f"data.crop_size {self.data.crop_size} must be a multiple of the autoencoder's factor {factor}")
@@ -70,11 +71,12 @@ class AutoencoderTrainConfig:
             check_resampler(self.autoencoder)
         if self.adaptive_weight and not (self.adversarial.enabled and self.l1.enabled):
             raise ValueError("adaptive_weight balances the adversarial term against l1: enable both")
+        return self
 
 
-class AutoencoderTrainer:
-    def __init__(self, cfg: AutoencoderTrainConfig, engine: Engine, registry: Registry, alias: str | None) -> None:
-        self.cfg, self.engine, self.registry, self.alias = cfg, engine, registry, alias
+class AutoencoderStage:
+    def __init__(self, cfg: AutoencoderTrainConfig, trainer: Trainer, registry: Registry, alias: str | None) -> None:
+        self.cfg, self.trainer, self.registry, self.alias = cfg, trainer, registry, alias
         autoencoder = VQAutoencoder.from_config(cfg.autoencoder)
         if cfg.anchor.enabled:
             # An image-like latent lives in [-1, 1]³: spread the codes over that cube instead of
@@ -83,9 +85,9 @@ class AutoencoderTrainer:
                 autoencoder.quantize.embedding.weight.uniform_(-1, 1)
         if cfg.init == "resampler":
             init_as_resampler(autoencoder)
-        self.part = engine.add_part(KIND, autoencoder, cfg.optim, ema=True)
+        self.part = trainer.add_part(KIND, autoencoder, cfg.optim, ema=True)
         self.adversary = (
-            Adversary(engine, cfg.discriminator, in_channels=cfg.autoencoder.ddconfig.out_ch)
+            Adversary(trainer, cfg.discriminator, in_channels=cfg.autoencoder.ddconfig.out_ch)
             if cfg.adversarial.enabled
             else None
         )
@@ -122,16 +124,16 @@ class AutoencoderTrainer:
         return Losses(minimise, log)  # type: ignore[arg-type]
 
     def publish(self) -> RegistryEntry:
-        provenance = {"source": f"vpdsr train {KIND}"} | self.engine.provenance(self.cfg.data)
+        provenance = {"source": f"vpdsr train {KIND}"} | self.trainer.provenance(self.cfg.data)
         config = ModelConfig(autoencoder=self.cfg.autoencoder, inference_steps=0, kind=KIND, provenance=provenance)
         version = self.registry.next_version(self.cfg.name)
         aliases = (self.alias,) if self.alias else ()
-        return self.registry.save(self.cfg.name, version, config, {}, self.engine.weights(KIND), aliases=aliases)
+        return self.registry.save(self.cfg.name, version, config, {}, self.trainer.weights(KIND), aliases=aliases)
 
 
 def train(
     cfg: AutoencoderTrainConfig, registry: Registry, resume: str | Path | None = None, alias: str | None = None
 ) -> RegistryEntry | None:
     """Train, then write ``<name>:<next version>`` into ``registry`` (rank 0); returns that entry."""
-    return engine_lib.train(cfg, lambda engine: AutoencoderTrainer(cfg, engine, registry, alias), resume)
+    return trainer_lib.train(cfg, lambda trainer: AutoencoderStage(cfg, trainer, registry, alias), resume)
 

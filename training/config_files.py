@@ -1,10 +1,13 @@
 """Typed training configurations read from YAML or TOML files.
 
-A training run is described by a frozen dataclass (``TeacherTrainConfig`` …); files only override
-the fields they name. Unlike :func:`model.config.from_dict`, which deliberately ignores the extra
-keys of official ResShift configs, this reader is strict: an unknown key or a value of the wrong
-type stops the run at start-up with the dotted path of the culprit, because a misspelt
-``weight_decay`` silently ignored would only show up days later as a worse model.
+A training run is described by a frozen pydantic model (``TeacherTrainConfig`` …, all
+:class:`Config`); files and ``--set section.field=value`` overrides only change the fields they
+name. Unlike :func:`model.config.from_dict`, which deliberately ignores the extra keys of official
+ResShift configs, this reader is strict: an unknown key or a value of the wrong type stops the run
+at start-up with the dotted path of the culprit, because a misspelt ``weight_decay`` silently
+ignored would only show up days later as a worse model. Values are validated as JSON values in
+pydantic's strict mode: an integer field takes no 2.0 or "2", a number field no ``true``, a list
+becomes a tuple and a string a path.
 
 Partial nested blocks are merged onto the field's *default value*, not the class defaults, so
 ``degradation: {second: {blur_prob: 0.5}}`` keeps every other second-stage setting.
@@ -13,18 +16,27 @@ Partial nested blocks are merged onto the field's *default value*, not the class
 from __future__ import annotations
 
 import dataclasses
+import json
 import tomllib
-import types
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import Any, TypeVar
 
 import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic_core import to_jsonable_python
 
 from model.errors import VPDSRError
 
-T = TypeVar("T")
-
 PRESETS = Path(__file__).parent / "configs"
+
+
+class Config(BaseModel):
+    """Base of the training configurations: immutable, and strict about the keys it accepts."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
+
+
+T = TypeVar("T", bound=Config)
 
 
 class ConfigError(VPDSRError):
@@ -86,91 +98,78 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[tu
     """Build ``cls`` from its defaults, the file at ``path`` (or preset name) and dotted overrides."""
     data = read_file(resolve_config_path(path)) if path is not None else {}
     data = apply_overrides(data, overrides or [])
-    return merge(cls(), data)  # type: ignore[call-arg]
-
-
-def merge(base: T, data: dict[str, Any], where: str = "") -> T:
-    """A copy of the dataclass instance ``base`` with the fields named in ``data`` replaced."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
-    cls = type(base)
-    hints = get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(base)}  # type: ignore[arg-type]
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(f"{where or cls.__name__}: unknown key(s) {unknown}; known: {sorted(names)}")
-    changes = {
-        name: _convert(hints[name], value, getattr(base, name), f"{where}.{name}" if where else name)
-        for name, value in data.items()
-    }
+    raw = onto_defaults(cls(), data)
     try:
-        return dataclasses.replace(base, **changes)  # type: ignore[type-var]
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{where or cls.__name__}: {exc}") from None
+        return cls.model_validate_json(json.dumps(raw, default=str), strict=True)
+    except ValidationError as exc:
+        raise ConfigError(describe(exc, cls)) from None
 
 
-def _convert(hint: Any, value: Any, default: Any, where: str) -> Any:
-    origin, args = get_origin(hint), get_args(hint)
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        options = [a for a in args if a is not type(None)]
-        errors = []
-        for option in options:
-            try:
-                return _convert(option, value, default if _matches(option, default) else None, where)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} fits none of {options}")
-    if dataclasses.is_dataclass(hint):
-        base = default if isinstance(default, hint) else hint()  # type: ignore[operator]
-        return merge(base, value, where)
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
-        return value
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_convert(args[0], v, None, f"{where}[{i}]") for i, v in enumerate(value))
-        if len(args) != len(value):
-            raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
-        return tuple(_convert(a, v, None, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
-    if origin is dict or hint is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return dict(value)
-    if hint is Any:
-        return value
-    if hint is Path:
-        if not isinstance(value, (str, Path)):
-            raise ConfigError(f"{where}: expected a path, got {value!r}")
-        return Path(value)
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if hint in (int, bool, str):
-        if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
-            raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r}")
-        return value
-    raise ConfigError(f"{where}: unsupported field type {hint!r}")
+def onto_defaults(base: Any, data: Any) -> Any:
+    """``data`` (a raw mapping) over the plain values of the config ``base``, nested blocks merged
+    onto the values of ``base`` itself; keys that ``base`` lacks pass through (validation names them)."""
+    if not isinstance(data, dict) or not _is_config(base):
+        return data
+    merged = to_plain(base)
+    names = _field_names(type(base))
+    for key, value in data.items():
+        merged[key] = onto_defaults(getattr(base, key), value) if key in names else value
+    return merged
 
 
-def _matches(hint: Any, value: Any) -> bool:
-    return dataclasses.is_dataclass(hint) and isinstance(value, hint)  # type: ignore[arg-type]
+def to_plain(config: Any) -> Any:
+    """JSON-ready copy of a config (models and dataclasses → dicts, tuples → lists, paths → strings)."""
+    return to_jsonable_python(config)
 
 
-def to_plain(obj: Any) -> Any:
-    """JSON-ready copy of a config (dataclasses → dicts, tuples → lists, paths → strings)."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, (list, tuple)):
-        return [to_plain(v) for v in obj]
-    if isinstance(obj, dict):
-        return {str(k): to_plain(v) for k, v in obj.items()}
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
+def describe(exc: ValidationError, cls: type[Config]) -> str:
+    """The validation errors of ``cls``, one per line, each with the dotted path of its field."""
+    unknown: dict[tuple[Any, ...], list[str]] = {}
+    lines = []
+    for err in exc.errors(include_url=False):
+        loc = tuple(err["loc"])
+        if err["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
+            unknown.setdefault(loc[:-1], []).append(str(loc[-1]))
+            continue
+        where = _dotted(loc) or cls.__name__
+        value = err.get("input")
+        message = {
+            "int_type": f"expected int, got {value!r}",
+            "float_type": f"expected a number, got {value!r}",
+            "bool_type": f"expected bool, got {value!r}",
+            "string_type": f"expected str, got {value!r}",
+            "tuple_type": f"expected a list, got {value!r}",
+            "list_type": f"expected a list, got {value!r}",
+            "model_type": f"expected a mapping, got {value!r}",
+            "dataclass_type": f"expected a mapping, got {value!r}",
+            "dict_type": f"expected a mapping, got {value!r}",
+        }.get(err["type"], str(err["msg"]).removeprefix("Value error, "))
+        lines.append(f"{where}: {message}")
+    for loc, keys in unknown.items():
+        known = sorted(_field_names(_type_at(cls, loc)))
+        lines.insert(0, f"{_dotted(loc) or cls.__name__}: unknown key(s) {sorted(keys)}; known: {known}")
+    return "\n".join(lines)
 
+
+def _dotted(loc: tuple[Any, ...]) -> str:
+    return ".".join(f"[{part}]" if isinstance(part, int) else str(part) for part in loc).replace(".[", "[")
+
+
+def _is_config(value: Any) -> bool:
+    return isinstance(value, BaseModel) or (dataclasses.is_dataclass(value) and not isinstance(value, type))
+
+
+def _field_names(kind: Any) -> set[str]:
+    if isinstance(kind, type) and issubclass(kind, BaseModel):
+        return set(kind.model_fields)
+    if dataclasses.is_dataclass(kind):
+        return {f.name for f in dataclasses.fields(kind)}
+    return set()
+
+
+def _type_at(cls: type[Config], loc: tuple[Any, ...]) -> Any:
+    """The config class at the field path ``loc`` below ``cls`` (a nested block's)."""
+    kind: Any = cls
+    for part in loc:
+        kind = type(getattr(kind(), str(part)))
+    return kind

@@ -12,7 +12,6 @@ the workers.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,11 +21,12 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from .config_files import Config
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
 
-@dataclass(frozen=True)
-class DataConfig:
+class DataConfig(Config):
     """Where the HR images are and how they are cropped and batched.
 
     ``rescale_gt`` is ResShift's option of the same name: instead of a ``crop_size`` window at native

@@ -25,7 +25,6 @@ device.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 from typing import Literal
 
@@ -34,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.transforms.functional import rgb_to_grayscale
 
+from .config_files import Config
 from .jpeg import jpeg_compress
 from .kernels import (
     KernelConfig,
@@ -49,8 +49,7 @@ from .kernels import (
 RESIZE_MODES = ("area", "bilinear", "bicubic")
 
 
-@dataclass(frozen=True)
-class StageConfig:
+class StageConfig(Config):
     """One degradation stage (defaults: ResShift's first stage).
 
     ``gaussian_sigma`` is on the 0–255 scale; ``poisson_scale`` multiplies the shot noise;
@@ -79,8 +78,7 @@ SECOND_STAGE = StageConfig(
 )
 
 
-@dataclass(frozen=True)
-class DegradationConfig:
+class DegradationConfig(Config):
     """Every probability and range of the degradation; defaults are ResShift's ×4 real-SR settings.
 
     ``kind: bicubic`` replaces the whole chain with an antialiased bicubic ×1/scale resize (what

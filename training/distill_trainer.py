@@ -18,11 +18,11 @@ entry (kind ``student``, ``inference_steps`` 1) holds the EMA student and the te
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 import torch
+from pydantic import Field, model_validator
 from torch import Tensor
 
 from model.checkpoint import load_into
@@ -32,57 +32,64 @@ from model.sampler import sample
 from model.schedule import ResShiftSchedule
 from model.unet import SwinUNet
 
-from . import engine as engine_lib
+from . import trainer as trainer_lib
 from .adversary import Adversary, DiscriminatorSetup
-from .config_files import ConfigError, to_plain
+from .config_files import Config, ConfigError, to_plain
 from .data import DataConfig
 from .degradations import DegradationConfig, Degrader
-from .engine import Engine, Losses, LossTerm, OptimConfig, RunConfig
 from .latents import build_codec, make_pair
-from .losses import ClipConfig, ClipSemanticLoss, ClipWeightsMissing, distill_loss, hfp_loss
+from .losses import ClipConfig, ClipSemanticLoss, ClipWeightsMissing, adaptive_weight, distill_loss, hfp_loss
 from .teacher_trainer import check_sizes
+from .trainer import Losses, LossTerm, OptimConfig, RunConfig, Trainer
 
 KIND = "student"
 
 
-@dataclass(frozen=True)
-class DistillLosses:
+class DistillLosses(Config):
     """The four terms of Algorithm 1 and their weights (paper: λ1, λ2, λ3 = 0.1, 1, 0.1)."""
 
-    distill: LossTerm = field(default_factory=LossTerm)
-    hfp: LossTerm = field(default_factory=lambda: LossTerm(weight=0.1))
-    semantic: LossTerm = field(default_factory=lambda: LossTerm(weight=1.0))
-    adversarial: LossTerm = field(default_factory=lambda: LossTerm(weight=0.1))
+    distill: LossTerm = Field(default_factory=LossTerm)
+    hfp: LossTerm = Field(default_factory=lambda: LossTerm(weight=0.1))
+    semantic: LossTerm = Field(default_factory=lambda: LossTerm(weight=1.0))
+    adversarial: LossTerm = Field(default_factory=lambda: LossTerm(weight=0.1))
 
     def enabled(self) -> dict[str, float]:
         """Weight of each switched-on term."""
-        terms = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        terms = {name: getattr(self, name) for name in type(self).model_fields}
         return {name: term.weight for name, term in terms.items() if term.enabled}
 
 
-@dataclass(frozen=True)
-class DistillTrainConfig:
+class DistillTrainConfig(Config):
     """Everything a distillation run needs (``training/configs/distill-*.yaml``); defaults: the paper's."""
 
     name: str = "vpdsr"
     teacher: str | None = None
     """Registry reference of the teacher (``--teacher REF``)."""
-    losses: DistillLosses = field(default_factory=DistillLosses)
-    clip: ClipConfig = field(default_factory=ClipConfig)
-    discriminator: DiscriminatorSetup = field(default_factory=DiscriminatorSetup)
-    degradation: DegradationConfig = field(default_factory=DegradationConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    run: RunConfig = field(default_factory=lambda: RunConfig(steps=30_000))
+    losses: DistillLosses = Field(default_factory=DistillLosses)
+    clip: ClipConfig = Field(default_factory=ClipConfig)
+    discriminator: DiscriminatorSetup = Field(default_factory=DiscriminatorSetup)
+    degradation: DegradationConfig = Field(default_factory=DegradationConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    run: RunConfig = Field(default_factory=lambda: RunConfig(steps=30_000))
+    adaptive_weight: bool = False
+    """Scale λ_adv by VQGAN's adaptive factor against L_distill at the student's output layer
+    (:func:`training.losses.adaptive_weight`): λ_adv is then L_adv's share of the force on that layer,
+    whatever the scale of the discriminator's logits. Small students whose distillation loss is tiny
+    are otherwise pulled away from the teacher by a fixed λ_adv = 0.1."""
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _check(self) -> Self:
         if not self.losses.enabled():
             raise ValueError("every loss term is switched off: enable at least one of losses.*")
+        if self.adaptive_weight and not (self.losses.adversarial.enabled and self.losses.distill.enabled):
+            raise ValueError("adaptive_weight balances losses.adversarial against losses.distill: enable both")
+        return self
 
 
-class DistillTrainer:
-    def __init__(self, cfg: DistillTrainConfig, engine: Engine, registry: Registry, alias: str | None) -> None:
-        self.cfg, self.engine, self.registry, self.alias = cfg, engine, registry, alias
+class DistillStage:
+    def __init__(self, cfg: DistillTrainConfig, trainer: Trainer, registry: Registry, alias: str | None) -> None:
+        self.cfg, self.trainer, self.registry, self.alias = cfg, trainer, registry, alias
         if cfg.teacher is None:
             raise ConfigError("no teacher: pass --teacher REF (a registry entry of kind 'teacher')")
         self.teacher_entry = registry.resolve(cfg.teacher)
@@ -93,18 +100,18 @@ class DistillTrainer:
         if cfg.degradation.scale != mc.diffusion.sf:
             raise ConfigError(f"degradation.scale {cfg.degradation.scale} differs from the teacher's sf {mc.diffusion.sf}")
         unet_state, ae_state = self.teacher_entry.state_dicts()
-        device = engine.device
+        device = trainer.device
 
         self.teacher = SwinUNet.from_config(mc.unet)
         load_into(self.teacher, unet_state, "teacher UNet")
         self.teacher = self.teacher.to(device).eval().requires_grad_(False)
         check_sizes(cfg.data.crop_size, mc.diffusion.sf, mc.autoencoder.ddconfig.downsample_factor, self.teacher, mc.unet)
-        self.latents = build_codec(mc.autoencoder, ae_state, mc.diffusion.scale_factor, mc.diffusion.sf, device)
+        self.latents = build_codec(mc.autoencoder, ae_state, mc.diffusion, device)
         self.schedule = ResShiftSchedule(mc.diffusion)
         self.degrader = Degrader(cfg.degradation)
         student = SwinUNet.from_config(mc.unet)
         load_into(student, unet_state, "teacher UNet")
-        self.student = engine.add_part(KIND, student, cfg.optim, ema=True)
+        self.student = trainer.add_part(KIND, student, cfg.optim, ema=True)
 
         weights = cfg.losses.enabled()
         self.clip: ClipSemanticLoss | None = None
@@ -117,12 +124,12 @@ class DistillTrainer:
                     f"or switch it off with --set losses.semantic.enabled=false. {exc}"
                 ) from None
         self.adversary = (
-            Adversary(engine, cfg.discriminator, in_channels=mc.autoencoder.embed_dim) if "adversarial" in weights else None
+            Adversary(trainer, cfg.discriminator, in_channels=mc.autoencoder.embed_dim) if "adversarial" in weights else None
         )
 
     def losses(self, hr: Tensor, step: int) -> Losses:
         cfg = self.cfg
-        pair = make_pair(hr, self.degrader, self.engine.generator, self.latents)
+        pair = make_pair(hr, self.degrader, self.trainer.generator, self.latents)
         noise = torch.randn_like(pair.z_y)
         with torch.no_grad():
             z_tch = sample(self.teacher, self.schedule, pair.z_y, pair.lq, noise, self.schedule.num_steps).float()
@@ -140,9 +147,15 @@ class DistillTrainer:
         adversarial = self.adversary is not None and self.adversary.active(step)
         if adversarial:
             terms["adversarial"] = self.adversary.generator_loss(z_stu)  # type: ignore[union-attr]
-        weights = cfg.losses.enabled()
+        weights: dict[str, float | Tensor] = dict(cfg.losses.enabled())
+        if adversarial and cfg.adaptive_weight:
+            weights["adversarial"] = weights["adversarial"] * adaptive_weight(
+                terms["distill"], terms["adversarial"], self.student.module.out[-1].weight
+            )
         total = sum(weights[name] * value for name, value in terms.items())
         log = {f"loss/{name}": value for name, value in terms.items()} | {"loss/total": total}
+        if adversarial:
+            log["weight/adversarial"] = torch.as_tensor(weights["adversarial"])
         minimise = {KIND: total}
         if adversarial:
             minimise["discriminator"] = log["loss/discriminator"] = self.adversary.discriminator_loss(pair.z0, z_stu)  # type: ignore[union-attr]
@@ -166,12 +179,12 @@ class DistillTrainer:
             diffusion=self.model_config.diffusion,
             inference_steps=1,
             kind=KIND,
-            provenance=provenance | self.engine.provenance(cfg.data),
+            provenance=provenance | self.trainer.provenance(cfg.data),
         )
         version = self.registry.next_version(cfg.name)
         aliases = (self.alias,) if self.alias else ()
         return self.registry.save(
-            cfg.name, version, config, self.engine.weights(KIND), self.latents.autoencoder.state_dict(), aliases=aliases
+            cfg.name, version, config, self.trainer.weights(KIND), self.latents.autoencoder.state_dict(), aliases=aliases
         )
 
 
@@ -179,4 +192,4 @@ def train(
     cfg: DistillTrainConfig, registry: Registry, resume: str | Path | None = None, alias: str | None = None
 ) -> RegistryEntry | None:
     """Distil, then write ``<name>:<next version>`` into ``registry`` (rank 0); returns that entry."""
-    return engine_lib.train(cfg, lambda engine: DistillTrainer(cfg, engine, registry, alias), resume)
+    return trainer_lib.train(cfg, lambda trainer: DistillStage(cfg, trainer, registry, alias), resume)

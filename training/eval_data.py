@@ -14,7 +14,6 @@ The LR input of an image comes from one of four places:
 
 from __future__ import annotations
 
-import dataclasses
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,7 +141,7 @@ def realesrgan_lr(hr: Image.Image, scale: int, seed: int, path: Path) -> Image.I
     """Synthetic RGB LR of an HR image (sides multiples of ``scale``) with the training degradation.
 
     Always on the CPU in float32: the GPU's noise generator and kernels would give other pixels."""
-    config = dataclasses.replace(DegradationConfig(), scale=scale)
+    config = DegradationConfig(scale=scale)
     minimum = 8 * scale
     if hr.width < minimum or hr.height < minimum:
         raise VPDSRError(f"{path} ({hr.width}x{hr.height}) is too small for --degrade realesrgan "

@@ -33,7 +33,7 @@ from model.pipeline import SRPipeline
 from model.registry import Registry
 
 from .eval_data import Degradation, EvalData, Sample
-from .metrics import IQAMetrics, NIQEScorer, psnr_y, ssim_y
+from .quality import IQAMetrics, NIQEScorer, psnr_y, ssim_y
 
 Row = dict[str, float | None]
 """One image's metrics by name; None where a metric could not score that image."""

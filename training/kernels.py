@@ -22,19 +22,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
+from pydantic import model_validator
 from torch import Tensor
+
+from .config_files import Config
 
 T = TypeVar("T")
 
 KERNEL_TYPES = ("iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso", "plateau_aniso")
 
 
-@dataclass(frozen=True)
-class KernelConfig:
+class KernelConfig(Config):
     """Distribution of one stage's blur kernel (ResShift/Real-ESRGAN first-stage defaults).
 
     ``sinc_cutoff`` applies to sizes below ``sinc_large_size``; larger sinc kernels may cut lower
@@ -53,11 +54,13 @@ class KernelConfig:
     sinc_cutoff_large: tuple[float, float] = (math.pi / 5, math.pi)
     sinc_large_size: int = 13
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _check(self) -> KernelConfig:
         if len(self.type_probs) != len(KERNEL_TYPES):
             raise ValueError(f"type_probs needs one probability per kernel type {KERNEL_TYPES}")
         if self.padded_size % 2 == 0 or any(s % 2 == 0 or s > self.padded_size for s in self.sizes):
             raise ValueError(f"kernel sizes must be odd and at most the odd padded_size, got {self}")
+        return self
 
 
 def uniform(generator: torch.Generator, low: float, high: float) -> float:

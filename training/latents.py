@@ -8,31 +8,31 @@ image-space losses still train whatever produced the latent.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from pydantic import Field
 from torch import Tensor
 
 from model.autoencoder import VQAutoencoder
 from model.checkpoint import load_into, read_state_dict
-from model.config import AutoencoderConfig
+from model.config import AutoencoderConfig, DiffusionConfig
 from model.latent import LatentCodec
 from model.registry import Registry
 
-from .config_files import ConfigError
+from .config_files import Config, ConfigError
 from .degradations import Degrader
 
 
-@dataclass(frozen=True)
-class AutoencoderSource:
+class AutoencoderSource(Config):
     """Where the frozen autoencoder comes from: a registry entry (``ref``: any entry with autoencoder
     weights, e.g. one written by ``vpdsr train autoencoder`` or ``vpdsr import-resshift``) or an
     official ``autoencoder_vq_f4.pth`` (``checkpoint``, with ``config`` its architecture)."""
 
     ref: str | None = None
     checkpoint: Path | None = None
-    config: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    config: AutoencoderConfig = Field(default_factory=AutoencoderConfig)
 
     def describe(self) -> str:
         return self.ref if self.ref is not None else f"checkpoint:{Path(self.checkpoint or '').name}"
@@ -52,12 +52,13 @@ class AutoencoderSource:
 
 
 def build_codec(
-    config: AutoencoderConfig, state: dict[str, Tensor], scale_factor: float, sf: int, device: torch.device
+    config: AutoencoderConfig, state: dict[str, Tensor], diffusion: DiffusionConfig, device: torch.device
 ) -> LatentCodec:
-    """The frozen autoencoder of a diffusion trainer, in float32 on ``device``."""
+    """The frozen autoencoder of a diffusion trainer, in float32 on ``device``, with the latent
+    scaling (``diffusion.scale_factor``) and super-resolution factor (``diffusion.sf``) of the model."""
     autoencoder = VQAutoencoder.from_config(config)
     load_into(autoencoder, state, "autoencoder")
-    return LatentCodec(autoencoder.to(device), scale_factor, sf)
+    return LatentCodec(autoencoder.to(device), latent_scaling=diffusion.scale_factor, upscale=diffusion.sf)
 
 
 @dataclass(frozen=True)

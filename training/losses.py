@@ -12,13 +12,14 @@ from __future__ import annotations
 import functools
 import math
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import open_clip
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .config_files import Config
 
 with warnings.catch_warnings():
     # pytorch_wavelets imports pkg_resources (hence setuptools<81), which warns on every start-up.
@@ -64,8 +65,7 @@ class ClipWeightsMissing(ValueError):
     """CLIP weights were asked for but no local file was given (this code never downloads them)."""
 
 
-@dataclass(frozen=True)
-class ClipConfig:
+class ClipConfig(Config):
     """Which open_clip image encoder to use and where its weights are.
 
     ``pretrained_path`` is a local checkpoint file (``.bin``/``.pt``/``.safetensors`` of the whole
@@ -151,8 +151,7 @@ def cosine_distance(a: Tensor, b: Tensor) -> Tensor:
 
 
 # -- latent adversarial loss ----------------------------------------------------------------------
-@dataclass(frozen=True)
-class DiscriminatorConfig:
+class DiscriminatorConfig(Config):
     """PatchGAN on latents. ``n_layers`` stride-2 convolutions halve the input each, so the input must
     be at least 2**n_layers pixels wide (16×16 latents with 3 layers give 2×2 patch logits).
 

@@ -9,11 +9,12 @@ EMA UNet and a copy of the autoencoder, so ``vpdsr upscale --model NAME`` runs i
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, model_validator
 from torch import Tensor
 
 from model.config import DiffusionConfig, ModelConfig, UNetConfig
@@ -21,32 +22,33 @@ from model.registry import Registry, RegistryEntry
 from model.schedule import ResShiftSchedule
 from model.unet import SwinUNet
 
-from . import engine as engine_lib
-from .config_files import ConfigError
+from . import trainer as trainer_lib
+from .config_files import Config, ConfigError
 from .data import DataConfig
 from .degradations import DegradationConfig, Degrader
-from .engine import Engine, Losses, OptimConfig, RunConfig
 from .latents import AutoencoderSource, build_codec, make_pair
+from .trainer import Losses, OptimConfig, RunConfig, Trainer
 
 KIND = "teacher"
 
 
-@dataclass(frozen=True)
-class TeacherTrainConfig:
+class TeacherTrainConfig(Config):
     """Everything a teacher run needs (``training/configs/teacher-*.yaml``); defaults: ResShift v1 ×4."""
 
     name: str = "resshift-teacher"
-    unet: UNetConfig = field(default_factory=UNetConfig)
-    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
-    autoencoder: AutoencoderSource = field(default_factory=AutoencoderSource)
-    degradation: DegradationConfig = field(default_factory=DegradationConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    run: RunConfig = field(default_factory=RunConfig)
+    unet: UNetConfig = Field(default_factory=UNetConfig)
+    diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig)
+    autoencoder: AutoencoderSource = Field(default_factory=AutoencoderSource)
+    degradation: DegradationConfig = Field(default_factory=DegradationConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _check(self) -> Self:
         if self.degradation.scale != self.diffusion.sf:
             raise ValueError(f"degradation.scale {self.degradation.scale} must equal diffusion.sf {self.diffusion.sf}")
+        return self
 
 
 def check_sizes(crop: int, sf: int, latent_factor: int, unet: SwinUNet, unet_config: UNetConfig) -> None:
@@ -64,20 +66,20 @@ def check_sizes(crop: int, sf: int, latent_factor: int, unet: SwinUNet, unet_con
         )
 
 
-class TeacherTrainer:
-    def __init__(self, cfg: TeacherTrainConfig, engine: Engine, registry: Registry, alias: str | None) -> None:
-        self.cfg, self.engine, self.registry, self.alias = cfg, engine, registry, alias
+class TeacherStage:
+    def __init__(self, cfg: TeacherTrainConfig, trainer: Trainer, registry: Registry, alias: str | None) -> None:
+        self.cfg, self.trainer, self.registry, self.alias = cfg, trainer, registry, alias
         ae_config, ae_state = cfg.autoencoder.load(registry)
         unet = SwinUNet.from_config(cfg.unet)
         check_sizes(cfg.data.crop_size, cfg.diffusion.sf, ae_config.ddconfig.downsample_factor, unet, cfg.unet)
         self.autoencoder_config = ae_config
-        self.latents = build_codec(ae_config, ae_state, cfg.diffusion.scale_factor, cfg.diffusion.sf, engine.device)
+        self.latents = build_codec(ae_config, ae_state, cfg.diffusion, trainer.device)
         self.schedule = ResShiftSchedule(cfg.diffusion)
         self.degrader = Degrader(cfg.degradation)
-        self.unet = engine.add_part("unet", unet, cfg.optim, ema=True)
+        self.unet = trainer.add_part("unet", unet, cfg.optim, ema=True)
 
     def losses(self, hr: Tensor, step: int) -> Losses:
-        pair = make_pair(hr, self.degrader, self.engine.generator, self.latents)
+        pair = make_pair(hr, self.degrader, self.trainer.generator, self.latents)
         t = torch.randint(0, self.schedule.num_steps, (hr.shape[0],), device=hr.device)
         noise = torch.randn_like(pair.z0)
         x_t = self.schedule.q_sample(pair.z0, pair.z_y, t, noise)
@@ -94,12 +96,12 @@ class TeacherTrainer:
             diffusion=cfg.diffusion,
             inference_steps=cfg.diffusion.steps,
             kind=KIND,
-            provenance=provenance | self.engine.provenance(cfg.data),
+            provenance=provenance | self.trainer.provenance(cfg.data),
         )
         version = self.registry.next_version(cfg.name)
         aliases = (self.alias,) if self.alias else ()
         return self.registry.save(
-            cfg.name, version, config, self.engine.weights("unet"), self.latents.autoencoder.state_dict(), aliases=aliases
+            cfg.name, version, config, self.trainer.weights("unet"), self.latents.autoencoder.state_dict(), aliases=aliases
         )
 
 
@@ -107,4 +109,4 @@ def train(
     cfg: TeacherTrainConfig, registry: Registry, resume: str | Path | None = None, alias: str | None = None
 ) -> RegistryEntry | None:
     """Train, then write ``<name>:<next version>`` into ``registry`` (rank 0); returns that entry."""
-    return engine_lib.train(cfg, lambda engine: TeacherTrainer(cfg, engine, registry, alias), resume)
+    return trainer_lib.train(cfg, lambda trainer: TeacherStage(cfg, trainer, registry, alias), resume)

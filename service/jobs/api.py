@@ -1,9 +1,10 @@
 """``/v1/jobs``: asynchronous upscales through the Redis job queue.
 
-``POST /v1/jobs`` takes exactly what ``POST /v1/upscale`` takes (same body, same options) and
-validates it the same way before anything is queued, so a bad image or option is a synchronous
-4xx, never a failed job. The upload is stored in Redis as received; a worker (or this process)
-runs it through the same Engine at background priority and stores the encoded result.
+``POST /v1/jobs`` takes exactly what ``POST /v1/upscale`` takes (same body, same options, the
+request body and checks of :mod:`service.upscale`) and validates it the same way before anything
+is queued, so a bad image or option is a synchronous 4xx, never a failed job. The upload is stored
+in Redis as received; a worker (or this process) runs it through the same path and InferenceEngine
+at background priority (:mod:`service.jobs.processor`) and stores the encoded result.
 
 Jobs belong to the API key that submitted them (when the server has API keys): another key sees
 404 for them, and Idempotency-Keys are scoped the same way.
@@ -16,7 +17,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import datetime, timezone
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
@@ -25,14 +26,15 @@ from fastapi.security import HTTPAuthorizationCredentials
 from pydantic import BaseModel, Field
 
 from ..auth import bearer, require_api_key
-from ..engine import Engine, EngineState
+from ..dependencies import EngineDep, JobsDep, SettingsDep
+from ..engine import EngineState
 from ..errors import ERROR_DESCRIPTIONS, ErrorResponse, InvalidParameters, Overloaded, ServiceError
 from ..imageio import ImageLimits, decode_image, read_upload
-from ..routes.upscale import _REQUEST_BODY, check_options, merge_form_fields
 from ..schemas import UpscaleParams
-from ..settings import Settings
+from ..upscale import BINARY, REQUEST_BODY, check_options, merge_form_fields
 from .consumer import REDIS_DOWN
-from .queue import JobQueue, JobRecord, QueueFull, fingerprint
+from .keys import JobState
+from .queue import BacklogFull, JobQueue, JobRecord, fingerprint
 from .runtime import JobSystem
 
 log = logging.getLogger("vpdsr.jobs")
@@ -80,7 +82,7 @@ def _errors(*statuses: int, extra: dict[int, str] | None = None) -> dict[int | s
 
 
 # -- bodies --------------------------------------------------------------------------------------
-class JobError(BaseModel):
+class JobErrorInfo(BaseModel):
     code: str
     message: str
 
@@ -103,14 +105,14 @@ class JobProgress(BaseModel):
 
 class JobStatus(BaseModel):
     id: str
-    state: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    state: JobState
     status_url: str
     result_url: str | None = Field(None, description="set once the job succeeded")
     created_at: datetime | None = None
     started_at: datetime | None = Field(None, description="start of the latest attempt")
     finished_at: datetime | None = None
     attempts: int = Field(description="attempts started so far (a retried or reclaimed job has several)")
-    error: JobError | None = Field(
+    error: JobErrorInfo | None = Field(
         None, description="why it failed; on a queued job, why the previous attempt failed"
     )
     result: JobResultInfo | None = None
@@ -132,7 +134,7 @@ def _time(value: float | None) -> datetime | None:
 def status_body(request: Request, job: JobRecord) -> JobStatus:
     status_url = str(request.url_for("get_job", job_id=job.id).path)
     result = None
-    if job.state == "succeeded" and job.result_content_type:
+    if job.state is JobState.SUCCEEDED and job.result_content_type:
         meta = job.result_meta
         result = JobResultInfo(
             content_type=job.result_content_type,
@@ -140,17 +142,17 @@ def status_body(request: Request, job: JobRecord) -> JobStatus:
             **{k: meta.get(k) for k in ("width", "height", "seed", "steps", "model", "version")},
         )
     # A retried (queued again) or failed job still holds its last attempt's progress: not shown.
-    progress = job.progress if job.state in ("running", "succeeded") else None
+    progress = job.progress if job.state in (JobState.RUNNING, JobState.SUCCEEDED) else None
     return JobStatus(
         id=job.id,
-        state=job.state,  # type: ignore[arg-type]
+        state=job.state,
         status_url=status_url,
-        result_url=f"{status_url}/result" if job.state == "succeeded" else None,
+        result_url=f"{status_url}/result" if job.state is JobState.SUCCEEDED else None,
         created_at=_time(job.created_at),
         started_at=_time(job.started_at),
         finished_at=_time(job.finished_at),
         attempts=job.attempts,
-        error=JobError(code=job.error_code, message=job.error_message or "") if job.error_code else None,
+        error=JobErrorInfo(code=job.error_code, message=job.error_message or "") if job.error_code else None,
         result=result,
         progress=JobProgress(done=progress[0], total=progress[1]) if progress else None,
         wait_s=job.wait_s,
@@ -159,9 +161,9 @@ def status_body(request: Request, job: JobRecord) -> JobStatus:
 
 
 # -- plumbing ------------------------------------------------------------------------------------
-def job_queue(request: Request) -> JobQueue:
-    system: JobSystem | None = getattr(request.app.state, "jobs", None)
-    if system is None or not system.enabled or system.queue is None:
+def job_queue(system: JobSystem) -> JobQueue:
+    """The queue, or 503 ``jobs_disabled`` (asked in the handler, after the request's own checks)."""
+    if not system.enabled or system.queue is None:
         raise JobsDisabled(
             "asynchronous jobs are disabled on this server (no VPDSR_REDIS_URL); use POST /v1/upscale"
         )
@@ -176,11 +178,11 @@ def _unavailable(exc: BaseException) -> JobsUnavailable:
 
 
 async def job_owner(
-    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+    settings: SettingsDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 ) -> str:
     """Who a request's jobs belong to: the SHA-256 of its API key (checked by ``require_api_key``),
     or "" when the server has no API keys. Only a hash is stored, never the key."""
-    if not request.app.state.settings.api_keys or credentials is None:
+    if not settings.api_keys or credentials is None:
         return ""
     return hashlib.sha256(credentials.credentials.encode()).hexdigest()
 
@@ -217,12 +219,15 @@ router = APIRouter(prefix="/v1", tags=["jobs"], dependencies=[Depends(require_ap
             "write, its reply was lost): always send an `Idempotency-Key` and resend with the same key",
         }),
     },
-    openapi_extra={"requestBody": _REQUEST_BODY},
+    openapi_extra={"requestBody": REQUEST_BODY},
 )
 async def submit_job(
     request: Request,
     params: Annotated[UpscaleParams, Query()],
     owner: Owner,
+    jobs: JobsDep,
+    settings: SettingsDep,
+    engine: EngineDep,
     idempotency_key: Annotated[
         str | None,
         Header(
@@ -233,9 +238,7 @@ async def submit_job(
         ),
     ] = None,
 ) -> Response:
-    queue = job_queue(request)
-    settings: Settings = request.app.state.settings
-    engine: Engine = request.app.state.engine
+    queue = job_queue(jobs)
     if idempotency_key is not None and not 1 <= len(idempotency_key) <= MAX_IDEMPOTENCY_KEY:
         raise InvalidParameters(f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters")
     upload = await read_upload(request, settings.max_body_bytes)
@@ -248,7 +251,7 @@ async def submit_job(
     async with redis_guard():
         try:
             submitted = await queue.submit(upload.data, None, stored, idempotency=idempotency_key, owner=owner)
-        except QueueFull as exc:
+        except BacklogFull as exc:
             raise JobQueueFull(f"{exc}; retry later", RETRY_AFTER_S) from None
     job = submitted.job
     if not submitted.created and job.fingerprint != fingerprint(upload.data, None, stored):
@@ -278,8 +281,8 @@ async def existing_job(queue: JobQueue, job_id: str, owner: str) -> JobRecord:
     response_model=JobStatus,
     responses=_errors(401, 404, 503),
 )
-async def get_job(request: Request, job_id: str, owner: Owner) -> JobStatus:
-    queue = job_queue(request)
+async def get_job(request: Request, job_id: str, owner: Owner, jobs: JobsDep) -> JobStatus:
+    queue = job_queue(jobs)
     async with redis_guard():
         job = await existing_job(queue, job_id, owner)
     return status_body(request, job)
@@ -291,21 +294,20 @@ async def get_job(request: Request, job_id: str, owner: Owner) -> JobStatus:
     response_class=Response,
     responses={
         200: {"description": "the upscaled image, as POST /v1/upscale returns it",
-              "content": {t: {"schema": {"type": "string", "format": "binary"}}
-                          for t in ("image/png", "image/jpeg", "image/webp")}},
+              "content": {t: BINARY for t in ("image/png", "image/jpeg", "image/webp")}},
         **_errors(401, 404, 409, 503, extra={409: "the job is not finished (`job_not_ready`), failed "
                                                  "(`job_failed`) or was cancelled (`job_cancelled`)"}),
     },
 )
-async def get_result(request: Request, job_id: str, owner: Owner) -> Response:
-    queue = job_queue(request)
+async def get_result(job_id: str, owner: Owner, jobs: JobsDep) -> Response:
+    queue = job_queue(jobs)
     async with redis_guard():
         job = await existing_job(queue, job_id, owner)
-        if job.state in ("queued", "running"):
+        if job.state in (JobState.QUEUED, JobState.RUNNING):
             raise JobConflict("job_not_ready", f"job {job_id} is {job.state}; poll {job_id} until it succeeded")
-        if job.state == "failed":
+        if job.state is JobState.FAILED:
             raise JobConflict("job_failed", f"job {job_id} failed: {job.error_message or job.error_code}")
-        if job.state == "cancelled":
+        if job.state is JobState.CANCELLED:
             raise JobConflict("job_cancelled", f"job {job_id} was cancelled")
         data = await queue.result(job_id)
     if data is None:
@@ -320,9 +322,8 @@ async def get_result(request: Request, job_id: str, owner: Owner) -> Response:
     response_model=JobStatus,
     responses=_errors(401, 404, 409, 503, extra={409: "the job is already running or finished (`job_not_cancellable`)"}),
 )
-async def cancel_job(request: Request, job_id: str, owner: Owner) -> JobStatus:
-    queue = job_queue(request)
-    system: JobSystem = request.app.state.jobs
+async def cancel_job(request: Request, job_id: str, owner: Owner, jobs: JobsDep) -> JobStatus:
+    queue = job_queue(jobs)
     async with redis_guard():
         outcome, state = await queue.cancel(job_id, owner)
         if outcome == "missing":
@@ -330,6 +331,6 @@ async def cancel_job(request: Request, job_id: str, owner: Owner) -> JobStatus:
         if outcome == "conflict":
             raise JobConflict("job_not_cancellable", f"job {job_id} is {state}: only a queued job can be cancelled")
         if outcome == "cancelled":
-            system.metrics.jobs.labels("cancelled").inc()
+            jobs.metrics.jobs.labels("cancelled").inc()
         job = await existing_job(queue, job_id, owner)
     return status_body(request, job)

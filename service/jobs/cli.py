@@ -16,22 +16,20 @@ _UVICORN_TO_LOGGING = {"trace": "DEBUG"}
 
 def worker(args: argparse.Namespace) -> int:
     from ..settings import Settings
-    from .settings import JobSettings
-    from .worker import main, worker_config
+    from .worker import check_worker_settings, main
 
     overrides = {"model": args.model, "registry": args.registry, "metrics_port": args.metrics_port}
     try:
         settings = Settings(**{name: value for name, value in overrides.items() if value is not None})
-        extra = JobSettings()
     except ValidationError as exc:
         raise VPDSRError(f"invalid settings:\n{exc}") from None
-    worker_config(settings, extra)  # configuration mistakes: one line, before loading anything
+    check_worker_settings(settings)  # configuration mistakes: one line, before loading anything
     Registry(settings.registry).resolve(settings.model)
     logging.basicConfig(
         level=_UVICORN_TO_LOGGING.get(settings.log_level, settings.log_level.upper()),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    return main(settings, extra, metrics_addr=args.metrics_addr)
+    return main(settings, metrics_addr=args.metrics_addr)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

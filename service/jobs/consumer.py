@@ -2,7 +2,7 @@
 
 Used by the API process (unless ``VPDSR_CONSUME_JOBS=false``) and by ``vpdsr worker``. It knows
 nothing about images or models: it calls a :data:`Processor` (bytes + options in, bytes out), so
-it is tested with real Redis and a fake processor, and the service plugs in its Engine.
+it is tested with real Redis and a fake processor, and the service plugs in its InferenceEngine.
 
 Guarantees (see docs/jobs.md):
 
@@ -11,8 +11,8 @@ Guarantees (see docs/jobs.md):
   has been idle longer than the visibility timeout;
 - a job in hand is never taken over while its consumer lives, however long it runs: a
   :class:`Heartbeat` resets its entry's idle time every visibility timeout / 3;
-- at most ``concurrency`` jobs are held at once (so a few jobs can share a batch on the Engine,
-  and a crash strands few), and none is taken while the optional ``ready`` hook says the
+- at most ``concurrency`` jobs are held at once (so a few jobs can share a batch on the
+  InferenceEngine, and a crash strands few), and none is taken while the optional ``ready`` hook says the
   processor has no room (back-pressure: jobs wait in Redis, not in a busy worker's memory);
 - Redis going away never kills the loop: it waits with capped, jittered exponential back-off and
   carries on when Redis is back; a finished result is stored with retries until the visibility
@@ -40,7 +40,7 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from .metrics import JobMetrics, job_metrics
+from .prometheus import JobMetrics, job_metrics
 from .queue import Delivery, JobQueue
 
 log = logging.getLogger("vpdsr.jobs")
@@ -75,7 +75,7 @@ Processor = Callable[[JobInput], Awaitable[JobOutput]]
 Ready = Callable[[], Awaitable[None]]
 
 
-class JobError(Exception):
+class PermanentJobError(Exception):
     """A permanent failure (the input or options can never succeed): the job fails at once, without
     retries. Any other exception is taken as transient and retried up to ``max_attempts``."""
 
@@ -206,7 +206,7 @@ class JobConsumer:
         metrics: JobMetrics | None = None,
     ) -> None:
         """``ready``: awaited before each read or reclaim of jobs; returns once the processor can
-        take more work (the service's ``Engine.background_ready``)."""
+        take more work (the service's ``InferenceEngine.background_ready``)."""
         self.queue = queue
         self.processor = processor
         self.ready = ready
@@ -224,10 +224,6 @@ class JobConsumer:
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
         self._loop_task = asyncio.create_task(self.run(), name=f"job-consumer-{self.name}")
-
-    @property
-    def in_flight(self) -> int:
-        return len(self._tasks)
 
     def abort_in_flight(self) -> None:
         """Cancel the jobs in hand now (each is handed back to the queue); used by a second SIGTERM."""
@@ -360,7 +356,7 @@ class JobConsumer:
         except asyncio.CancelledError:
             await self._release(delivery)
             raise
-        except JobError as exc:
+        except PermanentJobError as exc:
             await self._record(delivery, beat, self.queue.fail, delivery, self.name, exc.code, exc.message,
                                retryable=False)
             return

@@ -1,10 +1,11 @@
 """The service's job processor: a stored upload + options → the same result as ``POST /v1/upscale``,
-computed by the same Engine and batcher, at background priority.
+through the same path (:func:`service.upscale.run_upscale`), InferenceEngine and batcher, at
+background priority.
 
 A job is never failed for the server being busy: the engine feeds a background image into the
 batcher chunk by chunk as room frees up, without a deadline, and while the model is not ready
-(or the device ran out of memory) the job waits for :meth:`Engine.background_ready` within its
-attempt. Attempts are spent only on real failures.
+(or the device ran out of memory) the job waits for :meth:`InferenceEngine.background_ready` within
+its attempt. Attempts are spent only on real failures.
 """
 
 from __future__ import annotations
@@ -17,24 +18,24 @@ from pydantic import ValidationError
 from model.errors import VPDSRError
 
 from ..batcher import Priority
-from ..engine import Engine
+from ..engine import InferenceEngine
 from ..errors import NotReady, Overloaded, ServiceError
-from ..routes.upscale import run_upscale
 from ..schemas import UpscaleParams
 from ..settings import Settings
-from .consumer import JobError, JobInput, JobOutput, Processor
+from ..upscale import run_upscale
+from .consumer import JobInput, JobOutput, PermanentJobError, Processor
 from .runtime import JobSystem
 
 # Service errors that the same input would hit again on any worker: fail the job at once.
 PERMANENT_STATUSES = frozenset({400, 404, 409, 413, 415, 422})
 
 
-def make_processor(engine: Engine, settings: Settings) -> Processor:
+def make_processor(engine: InferenceEngine, settings: Settings) -> Processor:
     async def process(job: JobInput) -> JobOutput:
         try:
             params = UpscaleParams.model_validate(job.options)
         except ValidationError as exc:
-            raise JobError("invalid_parameter", f"stored options are invalid: {exc}") from None
+            raise PermanentJobError("invalid_parameter", f"stored options are invalid: {exc}") from None
         began = time.monotonic()
         while True:
             tried = time.monotonic()
@@ -49,16 +50,16 @@ def make_processor(engine: Engine, settings: Settings) -> Processor:
                 await engine.background_ready()
             except ServiceError as exc:
                 if exc.status in PERMANENT_STATUSES:
-                    raise JobError(exc.code, exc.message) from None
+                    raise PermanentJobError(exc.code, exc.message) from None
                 raise
             except VPDSRError as exc:  # the model's own validation (steps, tile, references)
-                raise JobError("invalid_parameter", str(exc)) from None
+                raise PermanentJobError("invalid_parameter", str(exc)) from None
         return JobOutput(done.body, done.media_type, done.meta(), waited_s=tried - began + done.queue_ms / 1000,
                          compute_s=done.compute_ms / 1000)
 
     return process
 
 
-def consume_with_engine(system: JobSystem, engine: Engine, settings: Settings) -> None:
+def consume_with_engine(system: JobSystem, engine: InferenceEngine) -> None:
     """Consume jobs through ``engine``, taking one only when the engine has room for its tiles."""
-    system.start_consumer(make_processor(engine, settings), ready=engine.background_ready)
+    system.start_consumer(make_processor(engine, system.settings), ready=engine.background_ready)

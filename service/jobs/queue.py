@@ -1,30 +1,8 @@
-"""The Redis side of async jobs: keys, the job state machine and its atomic transitions.
+"""The Redis side of async jobs: the job record and :class:`JobQueue`, the client that moves jobs
+through their states.
 
-Layout (names fixed: the Kubernetes KEDA trigger and the dashboards use the first two)::
-
-    vpdsr:jobs                 stream, one entry per delivery of a job: {id: <job id>}
-                               consumer group vpdsr-workers; XADD MAXLEN ~ job_stream_maxlen
-    vpdsr:jobs:dead            dead-letter stream: {id, code, message, attempts, stream_id}
-    vpdsr:jobs:inflight        hash stream-entry-id -> job id for entries not yet acknowledged
-                               (finds the job of a pending entry that MAXLEN trimming deleted)
-    vpdsr:job:<id>             hash: state, created_at, started_at, finished_at, attempts, error_*,
-                               options, input/result metadata, wait_s, compute_s, owner,
-                               stream_id (current entry), consumer,
-                               progress_done / progress_total (tiles, of the latest attempt)
-    vpdsr:job:<id>:input       the uploaded image bytes, as received
-    vpdsr:job:<id>:result      the encoded result image
-    vpdsr:jobs:idempotency:<sha256(owner, key)>   job id for an owner's Idempotency-Key
-
-State machine (every transition is one Lua script, so it is atomic and re-running it is
-harmless)::
-
-    queued --start--> running --complete--> succeeded
-      |                  |----fail (permanent)----------------> failed
-      |                  |----fail (retryable, attempts left)--> queued (new stream entry)
-      |                  |----fail (retryable, no attempts left)--> failed + dead letter
-      |                  '----release (graceful shutdown)-----> queued (new entry, attempt refunded)
-      '--cancel--> cancelled
-    queued|running --start with attempts >= max_attempts (reclaimed)--> failed + dead letter
+Key names live in :mod:`service.jobs.keys`, the Lua scripts (one per transition, so each is atomic
+and re-running it is harmless) in :mod:`service.jobs.scripts`, with the state machine.
 
 succeeded, failed and cancelled are final: a late or duplicate worker never changes them. A
 stream entry is acknowledged (XACK) in the same script that stores the result or the final
@@ -45,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -54,333 +31,22 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-STREAM = "vpdsr:jobs"
-GROUP = "vpdsr-workers"
-DEAD_STREAM = "vpdsr:jobs:dead"
-INFLIGHT = "vpdsr:jobs:inflight"
-JOB_PREFIX = "vpdsr:job:"
-IDEMPOTENCY_PREFIX = "vpdsr:jobs:idempotency:"
-
-STATES = ("queued", "running", "succeeded", "failed", "cancelled")
-FINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
-_JOB_ID = re.compile(r"^[0-9a-f]{32}$")
-
-
-def job_key(job_id: str) -> str:
-    return f"{JOB_PREFIX}{job_id}"
-
-
-def input_key(job_id: str) -> str:
-    return f"{JOB_PREFIX}{job_id}:input"
+from . import scripts
+from .keys import (
+    DEAD_STREAM,
+    GROUP,
+    INFLIGHT,
+    JOB_PREFIX,
+    STREAM,
+    JobState,
+    idempotency_key,
+    input_key,
+    job_key,
+    result_key,
+    valid_job_id,
+)
 
 
-def result_key(job_id: str) -> str:
-    return f"{JOB_PREFIX}{job_id}:result"
-
-
-def idempotency_key(key: str, owner: str = "") -> str:
-    """Client keys are hashed (any length or character set maps to a short, safe Redis key) within
-    their owner's namespace, so two clients' keys never meet. Without an owner (no API keys) the
-    hash is the key's alone, as before owners existed."""
-    digest = hashlib.sha256(f"{owner}\0".encode() if owner else b"")
-    digest.update(key.encode("utf-8", "surrogateescape"))
-    return IDEMPOTENCY_PREFIX + digest.hexdigest()
-
-
-def valid_job_id(job_id: str) -> bool:
-    return bool(_JOB_ID.match(job_id))
-
-
-# -- Lua -----------------------------------------------------------------------------------------
-# Shared prelude: server time, ack of the entry in hand, enqueueing, dead letters, and whether a
-# job is running on a consumer for a given entry.
-_PRELUDE = """
-local function now()
-  local t = redis.call('TIME')
-  return string.format('%d.%06d', t[1], t[2])
-end
-local function running_here(job, sid, consumer)
-  local f = redis.call('HMGET', job, 'state', 'stream_id', 'consumer')
-  return f[1] == 'running' and f[2] == sid and f[3] == consumer
-end
-local function ack(stream, inflight, group, sid)
-  redis.call('XACK', stream, group, sid)
-  redis.call('HDEL', inflight, sid)
-end
-local function enqueue(stream, inflight, maxlen, job_id)
-  local sid = redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'id', job_id)
-  redis.call('HSET', inflight, sid, job_id)
-  return sid
-end
-local function dead_letter(job, input, dead, dead_maxlen, job_id, code, message, attempts, sid, ttl)
-  redis.call('HSET', job, 'state', 'failed', 'finished_at', now(), 'error_code', code,
-             'error_message', message, 'dead_lettered', '1')
-  redis.call('DEL', input)
-  redis.call('PEXPIRE', job, ttl)
-  redis.call('XADD', dead, 'MAXLEN', '~', dead_maxlen, '*', 'id', job_id, 'code', code,
-             'message', message, 'attempts', attempts, 'stream_id', sid)
-end
-"""
-
-# KEYS: job, input, stream, inflight, idempotency ("" = none)
-# ARGV: job_id, ttl_ms, maxlen, group, input, input_content_type, options_json, fingerprint, owner,
-#       job key prefix
-# -> {1, job hash} created | {0, job hash} existing (idempotency) | {-1, lag} backlog full
-_SUBMIT = _PRELUDE + """
-if KEYS[5] ~= '' then
-  local existing = redis.call('GET', KEYS[5])
-  if existing then
-    -- A key whose job is gone (expired, evicted, deleted) is treated as absent: it is taken anew.
-    local job = redis.call('HGETALL', ARGV[10] .. existing)
-    if #job > 0 then return {0, job} end
-  end
-end
-local maxlen = tonumber(ARGV[3])
-if redis.call('EXISTS', KEYS[3]) == 0 then
-  redis.call('XGROUP', 'CREATE', KEYS[3], ARGV[4], '0', 'MKSTREAM')
-else
-  -- Back-pressure: MAXLEN trimming keeps the newest >= maxlen entries, so entries not yet
-  -- delivered (the group's lag) are never trimmed as long as the lag stays below maxlen.
-  local ok, groups = pcall(redis.call, 'XINFO', 'GROUPS', KEYS[3])
-  if ok then
-    for _, g in ipairs(groups) do
-      local name, lag
-      for i = 1, #g, 2 do
-        if g[i] == 'name' then name = g[i + 1] elseif g[i] == 'lag' then lag = g[i + 1] end
-      end
-      if name == ARGV[4] and lag and tonumber(lag) >= maxlen then return {-1, lag} end
-    end
-  end
-end
-local sid = enqueue(KEYS[3], KEYS[4], maxlen, ARGV[1])
-redis.call('HSET', KEYS[1], 'id', ARGV[1], 'state', 'queued', 'created_at', now(), 'attempts', '0',
-           'options', ARGV[7], 'input_content_type', ARGV[6], 'input_size', string.len(ARGV[5]),
-           'fingerprint', ARGV[8], 'owner', ARGV[9], 'stream_id', sid)
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-redis.call('SET', KEYS[2], ARGV[5], 'PX', ARGV[2])
-if KEYS[5] ~= '' then redis.call('SET', KEYS[5], ARGV[1], 'PX', ARGV[2]) end
-return {1, redis.call('HGETALL', KEYS[1])}
-"""
-
-# KEYS: job, input, stream, inflight, dead
-# ARGV: stream_id, group, consumer, max_attempts, ttl_ms, dead_maxlen, job_id, visibility_s
-# -> {'run', attempts, input, options, input_content_type, created_at}
-#  | {'skip', state | 'missing' | 'superseded'} | {'dead_lettered', code, message} | {'failed', code, message}
-_START = _PRELUDE + """
-local sid = ARGV[1]
-local f = redis.call('HMGET', KEYS[1], 'state', 'stream_id')
-local state = f[1]
-if not state then
-  ack(KEYS[3], KEYS[4], ARGV[2], sid)
-  return {'skip', 'missing'}
-end
-if state ~= 'queued' and state ~= 'running' then
-  ack(KEYS[3], KEYS[4], ARGV[2], sid)
-  return {'skip', state}
-end
-if f[2] ~= sid then
-  -- Not the job's current entry: another one was queued meanwhile and is the one that runs.
-  ack(KEYS[3], KEYS[4], ARGV[2], sid)
-  return {'skip', 'superseded'}
-end
-local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')
-if attempts >= tonumber(ARGV[4]) then
-  local code = redis.call('HGET', KEYS[1], 'error_code')
-  local message = redis.call('HGET', KEYS[1], 'error_message')
-  if state == 'running' or not code then
-    code = 'worker_lost'
-    message = 'the worker running it stopped or stalled: not finished within the visibility timeout of '
-              .. ARGV[8] .. ' s'
-  end
-  message = 'gave up after ' .. attempts .. ' attempt(s): ' .. message
-  dead_letter(KEYS[1], KEYS[2], KEYS[5], ARGV[6], ARGV[7], code, message, attempts, sid, ARGV[5])
-  ack(KEYS[3], KEYS[4], ARGV[2], sid)
-  return {'dead_lettered', code, message}
-end
-local input = redis.call('GET', KEYS[2])
-if not input then
-  local message = 'the job input expired before the job could run'
-  redis.call('HSET', KEYS[1], 'state', 'failed', 'finished_at', now(), 'error_code', 'input_expired',
-             'error_message', message)
-  ack(KEYS[3], KEYS[4], ARGV[2], sid)
-  return {'failed', 'input_expired', message}
-end
-attempts = attempts + 1
-redis.call('HSET', KEYS[1], 'state', 'running', 'started_at', now(), 'attempts', attempts,
-           'consumer', ARGV[3], 'stream_id', sid)
-redis.call('HDEL', KEYS[1], 'progress_done', 'progress_total')  -- an earlier attempt's
--- A started job gets a full TTL to finish in, whatever its wait in the queue was.
-redis.call('PEXPIRE', KEYS[1], ARGV[5])
-redis.call('PEXPIRE', KEYS[2], ARGV[5])
-local f = redis.call('HMGET', KEYS[1], 'options', 'input_content_type', 'created_at')
-return {'run', attempts, input, f[1], f[2], f[3]}
-"""
-
-# KEYS: job, input, result, stream, inflight
-# ARGV: stream_id, group, ttl_ms, result, content_type, result_meta_json,
-#       waited_s (within the attempt), compute_s ('' = the attempt's run time after its wait)
-# -> {'succeeded', created_at, finished_at} | {'duplicate', state} | {'missing'}
-_COMPLETE = _PRELUDE + """
-local f = redis.call('HMGET', KEYS[1], 'state', 'created_at', 'started_at')
-local state = f[1]
-local out
-if not state then
-  out = {'missing'}
-elseif state == 'queued' or state == 'running' then
-  -- Result first, then the state: readers that see 'succeeded' always find the result.
-  redis.call('SET', KEYS[3], ARGV[4], 'PX', ARGV[3])
-  local finished = now()
-  local started = tonumber(f[3] or finished)
-  local waited = tonumber(ARGV[7])
-  local compute = tonumber(ARGV[8]) or math.max(0, tonumber(finished) - started - waited)
-  redis.call('HSET', KEYS[1], 'state', 'succeeded', 'finished_at', finished, 'result_content_type', ARGV[5],
-             'result_size', string.len(ARGV[4]), 'result_meta', ARGV[6],
-             'wait_s', string.format('%.3f', started - tonumber(f[2]) + waited),
-             'compute_s', string.format('%.3f', compute))
-  redis.call('HDEL', KEYS[1], 'error_code', 'error_message')
-  redis.call('PEXPIRE', KEYS[1], ARGV[3])
-  redis.call('DEL', KEYS[2])
-  out = {'succeeded', f[2], finished}
-else
-  out = {'duplicate', state}
-end
-ack(KEYS[4], KEYS[5], ARGV[2], ARGV[1])
-return out
-"""
-
-# KEYS: job, input, stream, inflight, dead
-# ARGV: stream_id, group, ttl_ms, code, message, retryable, max_attempts, maxlen, dead_maxlen, job_id,
-#       consumer
-# -> {'retry', new_sid} | {'failed'} | {'dead_lettered', code, message} | {'duplicate', state} | {'missing'}
-#  | {'stale'} (this delivery was superseded: nothing to do) | {'not_owner'} (another consumer runs it)
-_FAIL = _PRELUDE + """
-local sid = ARGV[1]
-local f = redis.call('HMGET', KEYS[1], 'state', 'stream_id', 'consumer')
-local state = f[1]
-local out
-if not state then
-  out = {'missing'}
-elseif state ~= 'queued' and state ~= 'running' then
-  out = {'duplicate', state}
-elseif f[2] ~= sid then
-  -- Already failed once for this delivery (a retried call whose first reply was lost) or
-  -- superseded: queuing it again would run the job twice.
-  out = {'stale'}
-elseif state == 'running' and f[3] ~= ARGV[11] then
-  -- Reclaimed by another consumer, which runs it now; its entry is not ours to ack.
-  return {'not_owner'}
-else
-  local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')
-  if ARGV[6] == '1' and attempts < tonumber(ARGV[7]) then
-    local new_sid = enqueue(KEYS[3], KEYS[4], ARGV[8], ARGV[10])
-    redis.call('HSET', KEYS[1], 'state', 'queued', 'stream_id', new_sid, 'error_code', ARGV[4],
-               'error_message', ARGV[5])
-    out = {'retry', new_sid}
-  elseif ARGV[6] == '1' then
-    local message = 'gave up after ' .. attempts .. ' attempt(s): ' .. ARGV[5]
-    dead_letter(KEYS[1], KEYS[2], KEYS[5], ARGV[9], ARGV[10], ARGV[4], message, attempts, sid, ARGV[3])
-    out = {'dead_lettered', ARGV[4], message}
-  else
-    redis.call('HSET', KEYS[1], 'state', 'failed', 'finished_at', now(), 'error_code', ARGV[4],
-               'error_message', ARGV[5])
-    redis.call('DEL', KEYS[2])
-    redis.call('PEXPIRE', KEYS[1], ARGV[3])
-    out = {'failed'}
-  end
-end
-ack(KEYS[3], KEYS[4], ARGV[2], sid)
-return out
-"""
-
-# Put a job this consumer holds back in the queue at once (graceful shutdown, or a pending entry
-# whose stream data was trimmed away), refunding the attempt when asked.
-# KEYS: job, stream, inflight
-# ARGV: stream_id, group, consumer ('' = any), refund ('1'/'0'), maxlen, job_id
-# -> {'requeued', new_sid} | {'skip', reason}
-_REQUEUE = _PRELUDE + """
-local sid = ARGV[1]
-local f = redis.call('HMGET', KEYS[1], 'state', 'consumer', 'attempts', 'stream_id')
-local state = f[1]
-if not state then
-  ack(KEYS[2], KEYS[3], ARGV[2], sid)
-  return {'skip', 'missing'}
-end
-if state ~= 'queued' and state ~= 'running' then
-  ack(KEYS[2], KEYS[3], ARGV[2], sid)
-  return {'skip', state}
-end
-if f[4] ~= sid or (ARGV[3] ~= '' and state == 'running' and f[2] ~= ARGV[3]) then
-  -- Another worker reclaimed it meanwhile: it is theirs now; acking here would drop their entry.
-  return {'skip', 'not_owner'}
-end
-local attempts = tonumber(f[3] or '0')
-if ARGV[4] == '1' and state == 'running' and attempts > 0 then attempts = attempts - 1 end
-local new_sid = enqueue(KEYS[2], KEYS[3], ARGV[5], ARGV[6])
-redis.call('HSET', KEYS[1], 'state', 'queued', 'stream_id', new_sid, 'attempts', attempts)
-ack(KEYS[2], KEYS[3], ARGV[2], sid)
-return {'requeued', new_sid}
-"""
-
-# KEYS: job, input; ARGV: owner
-# -> {'cancelled'} | {'already'} | {'conflict', state} | {'missing'} (also: another owner's job)
-_CANCEL = _PRELUDE + """
-local f = redis.call('HMGET', KEYS[1], 'state', 'owner')
-local state = f[1]
-if not state or (f[2] or '') ~= ARGV[1] then return {'missing'} end
-if state == 'cancelled' then return {'already'} end
-if state ~= 'queued' then return {'conflict', state} end
-redis.call('HSET', KEYS[1], 'state', 'cancelled', 'finished_at', now())
-redis.call('DEL', KEYS[2])
--- The stream entry stays: the consumer that reads it sees 'cancelled', skips it and acks it.
-return {'cancelled'}
-"""
-
-# Keep the entry of a job this consumer runs from looking abandoned: reset its idle time
-# (XCLAIM to itself, JUSTID: the delivery count stays), so XAUTOCLAIM leaves it alone.
-# KEYS: job, stream; ARGV: stream_id, group, consumer -> 1 kept fresh | 0 not this consumer's to keep
-_TOUCH = _PRELUDE + """
-if not running_here(KEYS[1], ARGV[1], ARGV[3]) then return 0 end
--- XCLAIM drops a trimmed entry from the PEL, and with it the job's recovery if this worker dies.
-if #redis.call('XRANGE', KEYS[2], ARGV[1], ARGV[1]) == 0 then return 0 end
-redis.call('XCLAIM', KEYS[2], ARGV[2], ARGV[3], 0, ARGV[1], 'JUSTID')
-return 1
-"""
-
-# Record the tiles done of a job this consumer runs. Guarded like touch: a late write from a
-# consumer that lost the job would show another attempt's progress, and one after the record
-# expired would recreate it as a bare hash without a TTL.
-# KEYS: job; ARGV: stream_id, consumer, done, total -> 1 stored | 0 not this consumer's running job
-_PROGRESS = _PRELUDE + """
-if not running_here(KEYS[1], ARGV[1], ARGV[2]) then return 0 end
-redis.call('HSET', KEYS[1], 'progress_done', ARGV[3], 'progress_total', ARGV[4])
-return 1
-"""
-
-# Remove consumers that hold nothing: this one (ARGV[2]) or all idle >= ARGV[3] ms. Atomic, so a
-# consumer can never be deleted with entries pending (XGROUP DELCONSUMER would drop them).
-# KEYS: stream; ARGV: group, consumer ('' = any idle one), min_idle_ms -> number removed
-_FORGET = """
-local ok, consumers = pcall(redis.call, 'XINFO', 'CONSUMERS', KEYS[1], ARGV[1])
-if not ok then return 0 end
-local n = 0
-for _, c in ipairs(consumers) do
-  local name, pending, idle
-  for i = 1, #c, 2 do
-    if c[i] == 'name' then name = c[i + 1]
-    elseif c[i] == 'pending' then pending = c[i + 1]
-    elseif c[i] == 'idle' then idle = c[i + 1] end
-  end
-  if pending == 0 and ((ARGV[2] ~= '' and name == ARGV[2])
-                       or (ARGV[2] == '' and idle >= tonumber(ARGV[3]))) then
-    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], name)
-    n = n + 1
-  end
-end
-return n
-"""
-
-
-# -- data ----------------------------------------------------------------------------------------
 def _s(value: Any) -> str | None:
     if value is None:
         return None
@@ -397,7 +63,7 @@ class JobRecord:
     """A job as stored in ``vpdsr:job:<id>``."""
 
     id: str
-    state: str
+    state: JobState
     created_at: float | None
     started_at: float | None
     finished_at: float | None
@@ -420,7 +86,7 @@ class JobRecord:
         h = {_s(k): _s(v) for k, v in raw.items()}
         return cls(
             id=h["id"] or "",
-            state=h.get("state") or "queued",
+            state=JobState(h.get("state") or JobState.QUEUED),
             created_at=_f(h.get("created_at")),
             started_at=_f(h.get("started_at")),
             finished_at=_f(h.get("finished_at")),
@@ -452,7 +118,7 @@ class Submitted:
     created: bool  # False: an existing job returned for the same Idempotency-Key
 
 
-class QueueFull(Exception):
+class BacklogFull(Exception):
     """The stream's undelivered backlog reached ``job_stream_maxlen``: more would be trimmed away."""
 
     def __init__(self, lag: int) -> None:
@@ -526,15 +192,15 @@ class JobQueue:
         self.max_attempts = max_attempts
         self.stream_maxlen = stream_maxlen
         self.dead_maxlen = dead_maxlen or stream_maxlen
-        self._submit = redis.register_script(_SUBMIT)
-        self._start = redis.register_script(_START)
-        self._complete = redis.register_script(_COMPLETE)
-        self._fail = redis.register_script(_FAIL)
-        self._requeue = redis.register_script(_REQUEUE)
-        self._cancel = redis.register_script(_CANCEL)
-        self._touch = redis.register_script(_TOUCH)
-        self._progress = redis.register_script(_PROGRESS)
-        self._forget = redis.register_script(_FORGET)
+        self._submit = redis.register_script(scripts.SUBMIT)
+        self._start = redis.register_script(scripts.START)
+        self._complete = redis.register_script(scripts.COMPLETE)
+        self._fail = redis.register_script(scripts.FAIL)
+        self._requeue = redis.register_script(scripts.REQUEUE)
+        self._cancel = redis.register_script(scripts.CANCEL)
+        self._touch = redis.register_script(scripts.TOUCH)
+        self._progress = redis.register_script(scripts.PROGRESS)
+        self._forget = redis.register_script(scripts.FORGET)
         self._cursor = "0-0"
 
     # -- producer / API side ---------------------------------------------------------------------
@@ -566,7 +232,7 @@ class JobQueue:
                   json.dumps(options, sort_keys=True), fp, owner, JOB_PREFIX],
         )
         if int(code) == -1:
-            raise QueueFull(int(value))
+            raise BacklogFull(int(value))
         return Submitted(JobRecord.from_pairs(value), created=int(code) == 1)
 
     async def get(self, job_id: str) -> JobRecord | None:

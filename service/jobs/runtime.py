@@ -12,10 +12,11 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from ..schemas import CheckResult
+from ..settings import Settings
 from .consumer import REDIS_DOWN, JobConsumer, JobInput, JobOutput, Processor, Ready
-from .metrics import JobMetrics, job_metrics
+from .prometheus import JobMetrics, job_metrics
 from .queue import JobQueue
-from .settings import JobConfig
 
 log = logging.getLogger("vpdsr.jobs")
 
@@ -48,8 +49,11 @@ def with_delay(processor: Processor, delay_s: float) -> Processor:
 
 
 class JobSystem:
-    def __init__(self, config: JobConfig, *, metrics: JobMetrics | None = None) -> None:
-        self.config = config
+    """The job queue of one process, configured by the service's :class:`~service.settings.Settings`
+    (``redis_url``, ``job_*``); disabled, and idle, without ``redis_url``."""
+
+    def __init__(self, settings: Settings, *, metrics: JobMetrics | None = None) -> None:
+        self.settings = settings
         self.metrics = metrics or job_metrics()
         self.redis: Redis | None = None
         self.queue: JobQueue | None = None
@@ -58,21 +62,21 @@ class JobSystem:
 
     @property
     def enabled(self) -> bool:
-        return self.config.enabled
+        return self.settings.jobs_enabled
 
     async def start(self) -> None:
         """Never fails because Redis is down: the consumer and the gauges wait for it."""
         if not self.enabled:
             log.info("job queue disabled: VPDSR_REDIS_URL is not set")
             return
-        cfg = self.config
-        self.redis = connect(cfg.redis_url or "", block_ms=cfg.block_ms)
+        cfg = self.settings
+        self.redis = connect(cfg.redis_url or "", block_ms=cfg.job_block_ms)
         self.queue = JobQueue(
             self.redis,
-            ttl_s=cfg.ttl_s,
-            visibility_timeout_s=cfg.visibility_timeout_s,
-            max_attempts=cfg.max_attempts,
-            stream_maxlen=cfg.stream_maxlen,
+            ttl_s=cfg.job_ttl_s,
+            visibility_timeout_s=cfg.job_visibility_timeout_s,
+            max_attempts=cfg.job_max_attempts,
+            stream_maxlen=cfg.job_stream_maxlen,
         )
         self._stats_task = asyncio.create_task(self._stats_loop(), name="job-queue-stats")
 
@@ -81,21 +85,21 @@ class JobSystem:
         see :class:`JobConsumer`."""
         if self.queue is None or self.consumer is not None:
             return
-        cfg = self.config
+        cfg = self.settings
         self.consumer = JobConsumer(
             self.queue,
-            with_delay(processor, cfg.test_delay_s),
+            with_delay(processor, cfg.job_test_delay_s),
             ready=ready,
-            concurrency=cfg.concurrency,
-            block_ms=cfg.block_ms,
-            reclaim_interval_s=cfg.reclaim_interval_s,
+            concurrency=cfg.job_concurrency,
+            block_ms=cfg.job_block_ms,
+            reclaim_interval_s=cfg.job_reclaim_interval_s,
             metrics=self.metrics,
         )
         self.consumer.start()
 
     async def stop(self, grace_s: float | None = None) -> None:
         if self.consumer is not None:
-            await self.consumer.stop(self.config.shutdown_grace_s if grace_s is None else grace_s)
+            await self.consumer.stop(self.settings.job_shutdown_grace_s if grace_s is None else grace_s)
         if self._stats_task is not None:
             self._stats_task.cancel()
             await asyncio.gather(self._stats_task, return_exceptions=True)
@@ -115,6 +119,13 @@ class JobSystem:
             out["consumer"] = self.consumer.name
         return out
 
+    async def readiness(self) -> CheckResult:
+        """The ``job_queue`` check of ``/readyz``. Never makes the API unready: synchronous upscales
+        work without Redis; the state says whether async jobs do (ok | unavailable: ...). /readyz is
+        unauthenticated: never Redis's own error, which names its host and port."""
+        check = await self.check()
+        return CheckResult(ok=True, state="ok" if check["status"] == "ok" else "unavailable: redis unavailable")
+
     async def refresh_gauges(self) -> None:
         if self.queue is None:
             return
@@ -130,11 +141,11 @@ class JobSystem:
                 await self.refresh_gauges()
                 if loop.time() >= next_prune and self.queue is not None:
                     next_prune = loop.time() + PRUNE_EVERY_S
-                    idle = max(3600.0, 4 * self.config.visibility_timeout_s)
+                    idle = max(3600.0, 4 * self.settings.job_visibility_timeout_s)
                     if pruned := await self.queue.prune_consumers(idle):
                         log.info("removed %d idle consumer(s) of departed workers from the group", pruned)
             except REDIS_DOWN:
                 pass  # the gauges keep their last values; the readiness check reports the outage
             except Exception:
                 log.exception("job queue stats failed")
-            await asyncio.sleep(self.config.stats_interval_s)
+            await asyncio.sleep(self.settings.job_stats_interval_s)

@@ -1,4 +1,4 @@
-"""``vpdsr worker``: the Engine and batcher of the API, no HTTP, consuming the Redis job queue.
+"""``vpdsr worker``: the InferenceEngine and batcher of the API, no HTTP, consuming the Redis job queue.
 
 One process, one event loop, one model on one device; scale out with more processes / pods
 (each is a consumer of the group ``vpdsr-workers``). Nothing here forks: CUDA cannot survive a
@@ -23,25 +23,23 @@ from prometheus_client import start_http_server
 
 from model.errors import VPDSRError
 
-from ..engine import Engine
-from ..metrics import Metrics
+from ..engine import InferenceEngine
+from ..prometheus import Metrics
 from ..settings import Settings
-from .metrics import JobMetrics
 from .processor import consume_with_engine
+from .prometheus import JobMetrics
 from .runtime import JobSystem
-from .settings import JobConfig, JobSettings
 
 log = logging.getLogger("vpdsr.jobs")
 
 
-def worker_config(settings: Settings, extra: JobSettings | None = None) -> JobConfig:
-    config = JobConfig.from_settings(settings, extra, consume=True)  # a worker always consumes
-    if not config.enabled:
+def check_worker_settings(settings: Settings) -> None:
+    """A worker always consumes (``consume_jobs`` is the API process's switch), so it needs a job queue."""
+    if not settings.jobs_enabled:
         raise VPDSRError("vpdsr worker needs a job queue: set VPDSR_REDIS_URL (e.g. redis://localhost:6379/0)")
-    return config
 
 
-async def run_worker(settings: Settings, config: JobConfig, *, metrics_addr: str = "0.0.0.0") -> int:
+async def run_worker(settings: Settings, *, metrics_addr: str = "0.0.0.0") -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     signals = 0
@@ -57,8 +55,8 @@ async def run_worker(settings: Settings, config: JobConfig, *, metrics_addr: str
         stop.set()
 
     metrics = Metrics()
-    engine = Engine(settings, metrics)
-    system = JobSystem(config, metrics=JobMetrics(metrics.registry))
+    engine = InferenceEngine(settings, metrics)
+    system = JobSystem(settings, metrics=JobMetrics(metrics.registry))
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
 
@@ -78,14 +76,14 @@ async def run_worker(settings: Settings, config: JobConfig, *, metrics_addr: str
 
     server: Any = start_http_server(settings.metrics_port, addr=metrics_addr, registry=metrics.registry)
     await system.start()
-    consume_with_engine(system, engine, settings)
+    consume_with_engine(system, engine)
     assert system.consumer is not None
     log.info(
         "worker %s consuming vpdsr:jobs (group vpdsr-workers) with %d concurrent job(s); metrics on %s:%d",
-        system.consumer.name, config.concurrency, metrics_addr, settings.metrics_port,
+        system.consumer.name, settings.job_concurrency, metrics_addr, settings.metrics_port,
     )
     await stop.wait()
-    await system.stop(0 if signals > 1 else config.shutdown_grace_s)
+    await system.stop(0 if signals > 1 else settings.job_shutdown_grace_s)
     await engine.stop()
     if isinstance(server, tuple):  # prometheus_client >= 0.20: (server, thread)
         server[0].shutdown()
@@ -93,10 +91,10 @@ async def run_worker(settings: Settings, config: JobConfig, *, metrics_addr: str
     return 0
 
 
-def main(settings: Settings, extra: JobSettings | None = None, *, metrics_addr: str = "0.0.0.0") -> int:
-    config = worker_config(settings, extra)
+def main(settings: Settings, *, metrics_addr: str = "0.0.0.0") -> int:
+    check_worker_settings(settings)
     try:
         multiprocessing.set_start_method("spawn", force=True)
     except RuntimeError:
         pass
-    return asyncio.run(run_worker(settings, config, metrics_addr=metrics_addr))
+    return asyncio.run(run_worker(settings, metrics_addr=metrics_addr))

@@ -1,19 +1,19 @@
 """Liveness, readiness and Prometheus metrics: never behind API keys, never blocked by the model.
 
-Readiness is the conjunction of named checks in ``app.state.readiness`` (a dict of name → async
-callable returning :class:`CheckResult`). The engine registers ``"model"``; other components
-(e.g. the Redis job queue, as ``"job_queue"``) add their own.
+Readiness is the conjunction of named checks (a dict of name → async callable returning
+:class:`CheckResult`, see :func:`service.dependencies.get_readiness`): ``"model"`` (the engine's),
+and ``"job_queue"`` when the Redis job queue is configured.
 """
 
 from __future__ import annotations
 
 import asyncio
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from ..metrics import Metrics
+from ..dependencies import MetricsDep, ReadinessDep
 from ..schemas import CheckResult, HealthResponse, ReadyResponse
 
 router = APIRouter(tags=["health"])
@@ -30,8 +30,7 @@ async def healthz() -> HealthResponse:
     response_model=ReadyResponse,
     responses={503: {"model": ReadyResponse, "description": "not ready; `checks` says what is missing"}},
 )
-async def readyz(request: Request) -> JSONResponse:
-    checks = request.app.state.readiness
+async def readyz(checks: ReadinessDep) -> JSONResponse:
     results: list[CheckResult] = await asyncio.gather(*(check() for check in checks.values()))
     ready = all(result.ok for result in results)
     body = ReadyResponse(status="ready" if ready else "not_ready", checks=dict(zip(checks, results, strict=True)))
@@ -44,6 +43,5 @@ async def readyz(request: Request) -> JSONResponse:
     response_class=Response,
     responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}, "description": "text format"}},
 )
-async def metrics(request: Request) -> Response:
-    registry: Metrics = request.app.state.metrics
+async def metrics(registry: MetricsDep) -> Response:
     return Response(registry.render(), media_type=CONTENT_TYPE_LATEST)

@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends
 from fastapi.concurrency import run_in_threadpool
 
 from model import Registry
 
 from ..auth import require_api_key
-from ..engine import Engine
+from ..dependencies import EngineDep, SettingsDep
+from ..engine import InferenceEngine
 from ..errors import error_responses
 from ..schemas import LoadedModel, ModelsResponse
 
 router = APIRouter(prefix="/v1", tags=["models"], dependencies=[Depends(require_api_key)])
 
 
-def describe(engine: Engine) -> LoadedModel:
+def describe(engine: InferenceEngine) -> LoadedModel:
     pipe = engine.pipeline
     loaded = LoadedModel(state=engine.state.value, ref=engine.settings.model, error=engine.error)
     if pipe is None:
@@ -36,7 +37,6 @@ def describe(engine: Engine) -> LoadedModel:
 
 
 @router.get("/models", summary="Registry contents and the loaded model", responses=error_responses(401))
-async def list_models(request: Request) -> ModelsResponse:
-    engine: Engine = request.app.state.engine
-    registry = Registry(engine.settings.registry)
+async def list_models(engine: EngineDep, settings: SettingsDep) -> ModelsResponse:
+    registry = Registry(settings.registry)
     return ModelsResponse(loaded=describe(engine), models=await run_in_threadpool(registry.list))

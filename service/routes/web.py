@@ -16,11 +16,11 @@ from __future__ import annotations
 from functools import cache
 from importlib.resources import files
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Response
 from pydantic import BaseModel, Field
 
+from ..dependencies import SettingsDep
 from ..errors import ServiceError
-from ..settings import Settings
 
 router = APIRouter(tags=["web"])
 
@@ -70,6 +70,5 @@ async def asset(name: str) -> Response:
 
 
 @router.get("/ui-config", summary="What the web page needs to know: API keys required? job queue available?")
-async def ui_config(request: Request) -> UIConfig:
-    settings: Settings = request.app.state.settings
-    return UIConfig(auth_required=bool(settings.api_keys), jobs=bool(settings.redis_url))
+async def ui_config(settings: SettingsDep) -> UIConfig:
+    return UIConfig(auth_required=bool(settings.api_keys), jobs=settings.jobs_enabled)

@@ -1,9 +1,9 @@
-"""The one training loop shared by the autoencoder, teacher and distillation trainers.
+"""The one training loop (:class:`Trainer`) shared by the autoencoder, teacher and distillation stages.
 
-A trainer builds its networks, hands the trainable ones to :meth:`Engine.add_part` (each *part*
+A stage builds its networks, hands the trainable ones to :meth:`Trainer.add_part` (each *part*
 gets its own AdamW, optional EMA copy and, under ``torchrun``, a DDP wrapper) and implements
-:class:`Objective`: one micro-batch of HR crops in, one loss per part out. The engine does the rest,
-nanoGPT-style, in :meth:`Engine.fit`:
+:class:`Objective`: one micro-batch of HR crops in, one loss per part out. The trainer does the
+rest, nanoGPT-style, in :meth:`Trainer.fit`:
 
     for step in range(start, steps):
         set every part's learning rate (warm-up, then constant or cosine)
@@ -17,7 +17,7 @@ A generator and its discriminator are two parts that take a step in the same ite
 discriminator's loss uses detached fakes); :func:`frozen` keeps the discriminator's weights out
 of the generator's backward pass.
 
-Randomness: every rank seeds torch/NumPy/Python from ``seed + rank`` and owns :attr:`Engine.generator`
+Randomness: every rank seeds torch/NumPy/Python from ``seed + rank`` and owns :attr:`Trainer.generator`
 (CPU) for the data side (degradations). Checkpoints store all of it for every rank, so a resumed run
 reproduces the uninterrupted one bit for bit on the same hardware.
 """
@@ -38,6 +38,7 @@ from typing import Any, Literal, Protocol, TextIO
 
 import numpy as np
 import torch
+from pydantic import Field
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
@@ -47,7 +48,7 @@ from model.provenance import git_commit
 from model.registry import RegistryEntry
 
 from . import checkpoints
-from .config_files import to_plain
+from .config_files import Config, to_plain
 from .data import DataConfig
 from .distributed import Distributed
 from .ema import EMA
@@ -56,8 +57,7 @@ from .stream import hr_batches
 METRICS_FILE = "metrics.jsonl"
 
 
-@dataclass(frozen=True)
-class OptimConfig:
+class OptimConfig(Config):
     """AdamW and its learning-rate schedule: linear warm-up, then constant or cosine to ``min_lr``."""
 
     lr: float = 5e-5
@@ -79,30 +79,24 @@ class OptimConfig:
         return self.min_lr + 0.5 * (self.lr - self.min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
-@dataclass(frozen=True)
-class RunConfig:
+class RunConfig(Config):
     """How long and how a run trains, where it writes, and how it is seeded.
 
     The effective batch is ``data.batch_size × grad_accum × number of processes``.
     """
 
-    steps: int = 1000
-    grad_accum: int = 1
+    steps: int = Field(1000, ge=1)
+    grad_accum: int = Field(1, ge=1)
     seed: int = 0
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     """``auto``: bf16 autocast on CUDA, fp32 elsewhere. fp16 adds a dynamic grad scaler."""
     ema_decay: float | None = 0.999
     """Decay of the published EMA weights; ``None`` publishes the raw weights (no EMA copy)."""
-    log_every: int = 10
-    checkpoint_every: int = 1000
-    keep_checkpoints: int = 2
+    log_every: int = Field(10, ge=1)
+    checkpoint_every: int = Field(1000, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
     device: str = "auto"
     out_dir: Path = Path("runs/train")
-
-    def __post_init__(self) -> None:
-        for name in ("steps", "grad_accum", "log_every", "checkpoint_every", "keep_checkpoints"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
 
 
 @dataclass
@@ -117,8 +111,7 @@ class Part:
     ema: EMA | None
 
 
-@dataclass(frozen=True)
-class LossTerm:
+class LossTerm(Config):
     """One switchable, weighted term of an objective (switching terms off gives the paper's ablations)."""
 
     enabled: bool = True
@@ -139,7 +132,9 @@ class Objective(Protocol):
         ...
 
 
-class Trainer(Objective, Protocol):
+class Stage(Objective, Protocol):
+    """One training stage (autoencoder, teacher, distillation): an objective that publishes its model."""
+
     def publish(self) -> RegistryEntry:
         """Write the trained model to the registry (called on rank 0 after the last step)."""
         ...
@@ -169,7 +164,7 @@ def _derived_seed(*parts: int) -> int:
     return int(np.random.SeedSequence(list(parts)).generate_state(1, np.uint64)[0]) & (2**63 - 1)
 
 
-class Engine:
+class Trainer:
     """Device, processes, seeds, precision, parts, the loop, logs and checkpoints of one training run."""
 
     def __init__(self, run: RunConfig, config: Any) -> None:
@@ -415,17 +410,19 @@ class Engine:
         self.dist.close()
 
 
-def train(config: TrainConfig, build: Callable[[Engine], Trainer], resume: str | Path | None = None) -> RegistryEntry | None:
-    """The life of a run: set up, build the trainer's networks, resume, fit, publish (rank 0), tear down.
+def train(
+    config: TrainConfig, build: Callable[[Trainer], Stage], resume: str | Path | None = None
+) -> RegistryEntry | None:
+    """The life of a run: set up, build the stage's networks, resume, fit, publish (rank 0), tear down.
 
     Returns the registry entry on rank 0, ``None`` on the other ranks.
     """
-    engine = Engine(config.run, config)
+    trainer = Trainer(config.run, config)
     try:
-        trainer = build(engine)
+        stage = build(trainer)
         if resume is not None:
-            engine.resume(resume)
-        engine.fit(trainer, config.data)
-        return trainer.publish() if engine.is_main else None
+            trainer.resume(resume)
+        trainer.fit(stage, config.data)
+        return stage.publish() if trainer.is_main else None
     finally:
-        engine.close()
+        trainer.close()

@@ -2,6 +2,9 @@
 
 Real sockets and real HTTP, but in-process: no interpreter start-up or torch import per server,
 and several servers with different settings can run side by side on free ports.
+
+Test code (it needs httpx, a dev dependency), so it lives here and not in the ``service`` package;
+the benchmarks import it from here too, as they import ``tests.conftest``.
 """
 
 from __future__ import annotations
@@ -15,9 +18,9 @@ import httpx
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from .app import create_app
-from .server import Server
-from .settings import Settings
+from service.app import create_app
+from service.server import Server
+from service.settings import Settings
 
 
 @contextmanager

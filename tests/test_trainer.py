@@ -22,7 +22,7 @@ from model.cli import main
 from training.autoencoder_trainer import AutoencoderTrainConfig
 from training.config_files import PRESETS, ConfigError, load_config, parse_override
 from training.distill_trainer import DistillTrainConfig
-from training.engine import OptimConfig
+from training.trainer import OptimConfig
 from training.stream import ResumableSampler
 from training.teacher_trainer import TeacherTrainConfig
 
