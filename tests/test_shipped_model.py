@@ -16,7 +16,7 @@ from PIL import Image
 from model import Registry, SRPipeline
 from model.cli import DEFAULT_MODEL
 from tests.conftest import FIXTURES
-from training.metrics import psnr_y
+from training.quality import psnr_y
 
 REGISTRY = Path(__file__).parent.parent / "registry"
 

@@ -116,7 +116,7 @@ class AutoencoderStage:
             terms["adversarial"] = weight, gan
         total = sum(weight * value for weight, value in terms.values())
         log = {f"loss/{name}": value for name, (_, value) in terms.items()} | {"loss/total": total}
-        if adversarial:
+        if adversarial and cfg.adaptive_weight:
             log["weight/adversarial"] = terms["adversarial"][0]
         minimise = {KIND: total}
         if adversarial:

@@ -154,7 +154,7 @@ class DistillStage:
             )
         total = sum(weights[name] * value for name, value in terms.items())
         log = {f"loss/{name}": value for name, value in terms.items()} | {"loss/total": total}
-        if adversarial:
+        if adversarial and cfg.adaptive_weight:
             log["weight/adversarial"] = torch.as_tensor(weights["adversarial"])
         minimise = {KIND: total}
         if adversarial:
