@@ -172,7 +172,8 @@ def job_queue(system: JobSystem) -> JobQueue:
 
 def _unavailable(exc: BaseException) -> JobsUnavailable:
     return JobsUnavailable(
-        f"the job queue is unavailable (Redis: {exc or type(exc).__name__}); retry later, or use POST /v1/upscale",
+        # The exception text names Redis's host and port: it goes to the log, not to clients.
+        f"the job queue is unavailable ({type(exc).__name__}); retry later, or use POST /v1/upscale",
         headers={"Retry-After": str(RETRY_AFTER_S)},
     )
 
