@@ -319,9 +319,11 @@ async def test_overload_gets_429_while_health_and_metrics_answer(overloaded_url:
     upscales, side = answers[: len(burst)], answers[len(burst):]
     assert all(r.status_code == 200 for r in side)
     statuses = sorted(r.status_code for r in upscales)
-    assert set(statuses) == {200, 429} and statuses.count(200) >= 3, statuses
+    # max_queue=2: the first two are admitted (planned ones hold their place); the rest of a
+    # simultaneous burst is refused unless one of the two has finished meanwhile.
+    assert set(statuses) == {200, 429} and statuses.count(200) >= 2, statuses
     refused = next(r for r in upscales if r.status_code == 429)
-    assert int(refused.headers["retry-after"]) >= 1
+    assert 1 <= int(refused.headers["retry-after"]) <= 60  # never beyond request_timeout_s
     assert refused.json()["error"]["code"] == "queue_full"
     async with httpx.AsyncClient(base_url=overloaded_url, timeout=60) as client:  # and it recovers
         again = await client.post("/v1/upscale", content=noise_png(16, 16), headers={"content-type": "image/png"})
