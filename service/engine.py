@@ -335,10 +335,12 @@ class InferenceEngine:
         limit = self.settings.request_timeout_s
         if tiles > self.settings.max_queue or seconds > limit:
             where = "submit it to POST /v1/jobs" if self.settings.jobs_enabled else "send a smaller image"
-            raise TooLargeForSync(
-                f"this image needs {tiles} tiles, about {seconds:.0f} s of compute on this server, more than a "
-                f"synchronous request may take ({limit:.0f} s, {self.settings.max_queue} tiles); {where}"
+            too_much = (
+                f"{tiles} tiles, more than the {self.settings.max_queue} a synchronous request may queue"
+                if tiles > self.settings.max_queue
+                else f"about {seconds:.0f} s of compute, more than the {limit:.0f} s a synchronous request may take"
             )
+            raise TooLargeForSync(f"this image needs {too_much} on this server; {where}")
         waiting = self._batcher.waiting[Priority.INTERACTIVE] + self._planning[0]
         ahead = self._queued_seconds(Priority.INTERACTIVE) + self._planning[1]
         if waiting + tiles > self.settings.max_queue or ahead + seconds > limit:
