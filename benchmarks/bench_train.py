@@ -23,6 +23,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
+from bench_model import peak_memory_gib, reset_peak_memory
 
 from model.registry import Registry
 from training.config_files import load_config, parse_override
@@ -52,14 +53,13 @@ def time_steps(cfg: DistillTrainConfig, registry: Path, steps: int = 5, warmup: 
     try:
         stage = DistillStage(cfg, trainer, Registry(registry), alias=None)
         batches = random_hr(cfg.data, trainer.device)
-        cuda = trainer.device.type == "cuda"
         times = []
         for index in range(warmup + steps):
-            if index == warmup and cuda:
-                torch.cuda.reset_peak_memory_stats(trainer.device)
+            if index == warmup:
+                reset_peak_memory(trainer.device)
             started = time.perf_counter()
             trainer.train_step(stage, batches)
-            if cuda:
+            if trainer.device.type == "cuda":
                 torch.cuda.synchronize(trainer.device)
             times.append(time.perf_counter() - started)
         return {
@@ -67,7 +67,7 @@ def time_steps(cfg: DistillTrainConfig, registry: Path, steps: int = 5, warmup: 
             "crop": cfg.data.crop_size,
             "step_s": statistics.median(times[warmup:]),
             "steps_s": times,
-            "peak_mem_gib": torch.cuda.max_memory_allocated(trainer.device) / 2**30 if cuda else 0.0,
+            "peak_mem_gib": peak_memory_gib(trainer.device),
             "precision": "fp32" if trainer.amp_dtype is None else str(trainer.amp_dtype).removeprefix("torch."),
         }
     finally:

@@ -83,11 +83,12 @@ def plan(patterns: Sequence[str], output: Path, fmt: OutputFormat | None = None)
             raise VPDSRError(f"cannot write {output}: name it .png, .jpg or .webp, or give an output folder")
         if fmt not in (None, suffix_format):
             raise VPDSRError(f"--format {fmt} contradicts the output's suffix {output.suffix}")
-        return [Task(sources[0], output, suffix_format)]
-    tasks = []
-    for source in sources:
-        out_format = fmt or ("jpeg" if source.suffix.lower() in (".jpg", ".jpeg") else "png")
-        tasks.append(Task(source, output / (source.stem + SUFFIX_OF_FORMAT[out_format]), out_format))
+        tasks = [Task(sources[0], output, suffix_format)]
+    else:
+        tasks = []
+        for source in sources:
+            out_format = fmt or ("jpeg" if source.suffix.lower() in (".jpg", ".jpeg") else "png")
+            tasks.append(Task(source, output / (source.stem + SUFFIX_OF_FORMAT[out_format]), out_format))
     _check_targets(tasks)
     return tasks
 

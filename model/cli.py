@@ -74,7 +74,9 @@ class LocalUpscaler:
         )
         self.steps = self.pipe.check_steps(args.steps)
         self.tile = self.pipe.check_tile(args.tile)
-        self.seed = None if args.seed is None else resolve_seed(args.seed)
+        if args.seed is not None:
+            resolve_seed(args.seed)  # out of range: stop before the first image
+        self.seed = args.seed
 
     def __call__(self, source: Path, target: Path, fmt: batch.OutputFormat, progress: batch.Progress) -> batch.Upscaled:
         try:

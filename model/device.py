@@ -25,7 +25,7 @@ def resolve_dtype(name: str, device: torch.device | None = None) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device is not None and device.type == "cuda" else torch.float32
     if name not in DTYPES:
-        raise InvalidRequest(f"unknown dtype {name!r}: choose one of {sorted(DTYPES | {'auto': None})}")
+        raise InvalidRequest(f"unknown dtype {name!r}: choose one of {sorted([*DTYPES, 'auto'])}")
     return DTYPES[name]
 
 

@@ -52,7 +52,6 @@ class BackgroundWork:
         self.jobs = jobs
         self.settings = settings
         self._loading: asyncio.Task[None] | None = None
-        self._consumer_stopped: asyncio.Task[None] | None = None
 
     @asynccontextmanager
     async def lifespan(self, _: FastAPI) -> AsyncIterator[None]:
@@ -81,15 +80,10 @@ class BackgroundWork:
         """Stop loading the model and taking jobs, now; jobs in hand keep running (idempotent)."""
         if self._loading is not None:
             self._loading.cancel()
-        consumer = self.jobs.consumer
-        if consumer is not None and self._consumer_stopped is None:
-            grace_s = self.settings.job_shutdown_grace_s
-            self._consumer_stopped = asyncio.create_task(consumer.stop(grace_s), name="vpdsr-stop-consuming")
+        self.jobs.stop_consuming()
 
     async def stop(self) -> None:
         self.stop_taking_work()
-        if self._consumer_stopped is not None:
-            await self._consumer_stopped
         await self.jobs.stop()
         await self.engine.stop()
 

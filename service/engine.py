@@ -76,6 +76,10 @@ log = logging.getLogger("vpdsr.service")
 _EWMA = 0.2  # weight of the newest batch in the seconds-per-tile estimate
 
 
+Progress = Callable[[int, int], None]
+"""(tiles done, tiles in total) of one image, reported after each batch that held its tiles."""
+
+
 class EngineState(str, Enum):
     LOADING = "loading"
     READY = "ready"
@@ -129,7 +133,7 @@ class _Work:
     pending: int = field(init=False)
     waiting: int = 0  # tiles in the batcher now
     started_at: float | None = None
-    progress: Callable[[int, int], None] | None = None  # (tiles done, tiles in total), per batch
+    progress: Progress | None = None
 
     def __post_init__(self) -> None:
         self.outputs = [None] * len(self.tiles)
@@ -272,7 +276,7 @@ class InferenceEngine:
         *,
         priority: Priority = Priority.INTERACTIVE,
         deadline: float | None = None,
-        progress: Callable[[int, int], None] | None = None,
+        progress: Progress | None = None,
     ) -> UpscaleResult:
         """Upscale one image; ``deadline`` is a ``time.monotonic()`` value (None: no limit);
         ``progress(tiles done, tiles in total)`` is called on the event loop after each batch that

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
 from .batcher import Priority
-from .engine import InferenceEngine, UpscaleOptions
+from .engine import InferenceEngine, Progress, UpscaleOptions
 from .imageio import MEDIA_TYPES, ImageLimits, OutputFormat, decode_image, encode_image
 from .schemas import UpscaleJSON, UpscaleParams
 from .settings import Settings
@@ -150,16 +148,13 @@ async def run_upscale(
     *,
     priority: Priority = Priority.INTERACTIVE,
     deadline: float | None = None,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Progress | None = None,
 ) -> Upscaled:
     """Image bytes + options → encoded result: the one path of synchronous requests and jobs.
-    ``deadline`` (``time.monotonic()``) defaults to ``request_timeout_s`` from now for interactive
-    requests; background work (jobs) has none: its wait for capacity is not a failure.
-    ``progress(tiles done, tiles in total)`` goes to :meth:`InferenceEngine.upscale` (jobs report it),
-    which also checks the options."""
+    ``deadline`` (``time.monotonic()``, None: no limit — a job's wait for capacity is not a failure)
+    and ``progress(tiles done, tiles in total)`` go to :meth:`InferenceEngine.upscale`, which also
+    checks the options."""
     decoded = await run_in_threadpool(decode_image, data, ImageLimits.of(settings))
-    if deadline is None and priority is Priority.INTERACTIVE:
-        deadline = time.monotonic() + settings.request_timeout_s
     result = await engine.upscale(decoded.image, to_options(params), priority=priority, deadline=deadline,
                                   progress=progress)
     fmt = params.format or decoded.default_output

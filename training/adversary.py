@@ -13,7 +13,7 @@ from pydantic import Field
 from torch import Tensor
 
 from .config_files import Config
-from .losses import DiscriminatorConfig, PatchDiscriminator, generator_adv_loss, hinge_d_loss
+from .losses import DiscriminatorConfig, PatchDiscriminator, adaptive_weight, generator_adv_loss, hinge_d_loss
 from .trainer import OptimConfig, Trainer, frozen
 
 PART = "discriminator"
@@ -42,6 +42,17 @@ class Adversary:
         """−E[D(fake)], differentiable in ``fake`` only."""
         with frozen(self.part.module) as discriminator:
             return generator_adv_loss(discriminator(fake).float())
+
+    def generator_term(
+        self, fake: Tensor, weight: float, balance: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """(weight, −E[D(fake)]) of the generator's objective. With ``balance`` = (the main loss, the
+        generator's last-layer weight), ``weight`` is scaled by VQGAN's adaptive factor
+        (:func:`training.losses.adaptive_weight`), so it is the GAN's share of the force on that layer."""
+        loss = self.generator_loss(fake)
+        if balance is None:
+            return torch.tensor(weight), loss
+        return weight * adaptive_weight(balance[0], loss, balance[1]), loss
 
     def discriminator_loss(self, real: Tensor, fake: Tensor) -> Tensor:
         """Hinge loss on real samples vs detached fakes."""

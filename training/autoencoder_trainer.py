@@ -25,7 +25,6 @@ from . import trainer as trainer_lib
 from .adversary import Adversary, DiscriminatorSetup
 from .config_files import Config
 from .data import DataConfig
-from .losses import adaptive_weight
 from .resampler_init import check as check_resampler
 from .resampler_init import init_as_resampler
 from .trainer import Losses, LossTerm, OptimConfig, RunConfig, Trainer
@@ -103,17 +102,13 @@ class AutoencoderStage:
             terms["codebook"] = cfg.codebook.weight, codebook_loss
             terms["commitment"] = cfg.codebook.weight, commitment_loss
         if cfg.anchor.enabled:
-            net = getattr(self.part.net, "module", self.part.net)  # plain module under DDP
+            net = self.part.module  # the plain module, also under DDP
             small = F.interpolate(target, scale_factor=1 / net.downsample_factor, mode="bicubic", antialias=True)
             terms["anchor"] = cfg.anchor.weight, (net.encode(target).float() - small).abs().mean()
         adversarial = self.adversary is not None and self.adversary.active(step)
         if adversarial:
-            gan = self.adversary.generator_loss(recon)  # type: ignore[union-attr]
-            weight = torch.tensor(cfg.adversarial.weight)
-            if cfg.adaptive_weight:
-                net = getattr(self.part.net, "module", self.part.net)
-                weight = weight * adaptive_weight(terms["l1"][1], gan, net.decoder.conv_out.weight)
-            terms["adversarial"] = weight, gan
+            balance = (terms["l1"][1], self.part.module.decoder.conv_out.weight) if cfg.adaptive_weight else None
+            terms["adversarial"] = self.adversary.generator_term(recon, cfg.adversarial.weight, balance)  # type: ignore[union-attr]
         total = sum(weight * value for weight, value in terms.values())
         log = {f"loss/{name}": value for name, (_, value) in terms.items()} | {"loss/total": total}
         if adversarial and cfg.adaptive_weight:

@@ -38,7 +38,7 @@ from .config_files import Config, ConfigError, to_plain
 from .data import DataConfig
 from .degradations import DegradationConfig, Degrader
 from .latents import build_codec, make_pair
-from .losses import ClipConfig, ClipSemanticLoss, ClipWeightsMissing, adaptive_weight, distill_loss, hfp_loss
+from .losses import ClipConfig, ClipSemanticLoss, ClipWeightsMissing, distill_loss, hfp_loss
 from .teacher_trainer import check_sizes
 from .trainer import Losses, LossTerm, OptimConfig, RunConfig, Trainer
 
@@ -145,17 +145,16 @@ class DistillStage:
         if self.clip is not None:
             terms["semantic"] = self.clip(self.latents.decode(z_stu), pair.hr)
         adversarial = self.adversary is not None and self.adversary.active(step)
-        if adversarial:
-            terms["adversarial"] = self.adversary.generator_loss(z_stu)  # type: ignore[union-attr]
         weights: dict[str, float | Tensor] = dict(cfg.losses.enabled())
-        if adversarial and cfg.adaptive_weight:
-            weights["adversarial"] = weights["adversarial"] * adaptive_weight(
-                terms["distill"], terms["adversarial"], self.student.module.out[-1].weight
+        if adversarial:
+            balance = (terms["distill"], self.student.module.out[-1].weight) if cfg.adaptive_weight else None
+            weights["adversarial"], terms["adversarial"] = self.adversary.generator_term(  # type: ignore[union-attr]
+                z_stu, weights["adversarial"], balance  # type: ignore[arg-type]
             )
         total = sum(weights[name] * value for name, value in terms.items())
         log = {f"loss/{name}": value for name, value in terms.items()} | {"loss/total": total}
         if adversarial and cfg.adaptive_weight:
-            log["weight/adversarial"] = torch.as_tensor(weights["adversarial"])
+            log["weight/adversarial"] = weights["adversarial"]
         minimise = {KIND: total}
         if adversarial:
             minimise["discriminator"] = log["loss/discriminator"] = self.adversary.discriminator_loss(pair.z0, z_stu)  # type: ignore[union-attr]

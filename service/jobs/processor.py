@@ -41,7 +41,7 @@ def make_processor(engine: InferenceEngine, settings: Settings) -> Processor:
             tried = time.monotonic()
             try:
                 done = await run_upscale(engine, settings, job.data, params, priority=Priority.BACKGROUND,
-                                         deadline=None, progress=job.progress)
+                                         progress=job.progress)
                 break
             except (Overloaded, NotReady) as exc:
                 # Out of device memory, or the model is not ready: a wait, not a failed attempt.

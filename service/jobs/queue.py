@@ -102,7 +102,7 @@ class JobRecord:
             owner=h.get("owner") or "",
             wait_s=_f(h.get("wait_s")),
             compute_s=_f(h.get("compute_s")),
-            progress=(int(h.get("progress_done") or 0), int(h["progress_total"] or 0))
+            progress=(int(h.get("progress_done") or 0), int(h["progress_total"]))
             if h.get("progress_total") else None,
         )
 

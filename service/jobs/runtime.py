@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
@@ -59,6 +58,7 @@ class JobSystem:
         self.queue: JobQueue | None = None
         self.consumer: JobConsumer | None = None
         self._stats_task: asyncio.Task[None] | None = None
+        self._consumer_stopped: asyncio.Task[None] | None = None
 
     @property
     def enabled(self) -> bool:
@@ -97,34 +97,34 @@ class JobSystem:
         )
         self.consumer.start()
 
+    def stop_consuming(self, grace_s: float | None = None) -> asyncio.Task[None] | None:
+        """Stop taking jobs now (jobs in hand get ``grace_s``); idempotent: the one stop task."""
+        if self.consumer is not None and self._consumer_stopped is None:
+            grace = self.settings.job_shutdown_grace_s if grace_s is None else grace_s
+            self._consumer_stopped = asyncio.create_task(self.consumer.stop(grace), name="vpdsr-stop-consuming")
+        return self._consumer_stopped
+
     async def stop(self, grace_s: float | None = None) -> None:
-        if self.consumer is not None:
-            await self.consumer.stop(self.settings.job_shutdown_grace_s if grace_s is None else grace_s)
+        stopping = self.stop_consuming(grace_s)
+        if stopping is not None:
+            await stopping
         if self._stats_task is not None:
             self._stats_task.cancel()
             await asyncio.gather(self._stats_task, return_exceptions=True)
         if self.redis is not None:
             await self.redis.aclose()
 
-    async def check(self, timeout_s: float = 1.0) -> dict[str, Any]:
-        """The job queue's part of /readyz: ``status`` ok | unavailable | disabled."""
-        if not self.enabled or self.redis is None:
-            return {"status": "disabled", "detail": "VPDSR_REDIS_URL is not set"}
-        try:
-            await asyncio.wait_for(self.redis.ping(), timeout_s)
-        except (asyncio.TimeoutError, *REDIS_DOWN) as exc:
-            return {"status": "unavailable", "detail": f"Redis unreachable: {exc or type(exc).__name__}"}
-        out: dict[str, Any] = {"status": "ok"}
-        if self.consumer is not None:
-            out["consumer"] = self.consumer.name
-        return out
-
-    async def readiness(self) -> CheckResult:
-        """The ``job_queue`` check of ``/readyz``. Never makes the API unready: synchronous upscales
-        work without Redis; the state says whether async jobs do (ok | unavailable: ...). /readyz is
+    async def readiness(self, timeout_s: float = 1.0) -> CheckResult:
+        """The ``job_queue`` check of ``/readyz``: a Redis ping. Never makes the API unready:
+        synchronous upscales work without Redis; the state says whether async jobs do. /readyz is
         unauthenticated: never Redis's own error, which names its host and port."""
-        check = await self.check()
-        return CheckResult(ok=True, state="ok" if check["status"] == "ok" else "unavailable: redis unavailable")
+        if self.redis is not None:
+            try:
+                await asyncio.wait_for(self.redis.ping(), timeout_s)
+                return CheckResult(ok=True, state="ok")
+            except (asyncio.TimeoutError, *REDIS_DOWN):
+                pass
+        return CheckResult(ok=True, state="unavailable: redis unavailable")
 
     async def refresh_gauges(self) -> None:
         if self.queue is None:

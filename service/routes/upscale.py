@@ -7,6 +7,7 @@ upscale itself is :func:`service.upscale.run_upscale`, which jobs run too.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable
 from typing import Annotated, Any, TypeVar
 
@@ -57,7 +58,8 @@ async def upscale(
     engine.ready_pipeline()  # refuse before reading a body we could not process
     upload = await read_upload(request, settings.max_body_bytes)
     options = merge_form_fields(params, upload.fields)
-    done = await _unless_disconnected(request, run_upscale(engine, settings, upload.data, options))
+    deadline = time.monotonic() + settings.request_timeout_s
+    done = await _unless_disconnected(request, run_upscale(engine, settings, upload.data, options, deadline=deadline))
     if wants_json(request.headers.get("accept", "")):
         return JSONResponse(done.json().model_dump(), headers=done.headers)
     return Response(done.body, media_type=done.media_type, headers=done.headers)
