@@ -28,6 +28,7 @@ from .data import DataConfig
 from .resampler_init import check as check_resampler
 from .resampler_init import init_as_resampler
 from .trainer import Losses, LossTerm, OptimConfig, RunConfig, Trainer
+from .warm_start import warm_start
 
 KIND = "autoencoder"
 
@@ -52,6 +53,9 @@ class AutoencoderTrainConfig(Config):
     """``resampler`` starts encoder and decoder as box-down / bilinear-up with identity residual
     blocks (``training/resampler_init.py``), so a short run learns only the detail; pairs with
     ``anchor``. ``random`` is PyTorch's default initialisation, as for the official VQGAN."""
+    init_from: str | None = None
+    """Registry reference whose autoencoder weights start the run (fine-tuning, see
+    ``training/warm_start.py``); replaces ``init``."""
     discriminator: DiscriminatorSetup = Field(default_factory=DiscriminatorSetup)
     optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=1e-4, betas=(0.5, 0.9)))
     data: DataConfig = Field(default_factory=DataConfig)
@@ -67,6 +71,8 @@ class AutoencoderTrainConfig(Config):
         if self.anchor.enabled and self.autoencoder.embed_dim != 3:
             raise ValueError("anchor needs an RGB-like latent: autoencoder.embed_dim must be 3")
         if self.init == "resampler":
+            if self.init_from is not None:
+                raise ValueError("init_from starts from trained weights: leave init at random")
             check_resampler(self.autoencoder)
         if self.adaptive_weight and not (self.adversarial.enabled and self.l1.enabled):
             raise ValueError("adaptive_weight balances the adversarial term against l1: enable both")
@@ -84,6 +90,7 @@ class AutoencoderStage:
                 autoencoder.quantize.embedding.weight.uniform_(-1, 1)
         if cfg.init == "resampler":
             init_as_resampler(autoencoder)
+        self.init_from = cfg.init_from and warm_start(autoencoder, registry, cfg.init_from, KIND, trainer.notice)
         self.part = trainer.add_part(KIND, autoencoder, cfg.optim, ema=True)
         self.adversary = (
             Adversary(trainer, cfg.discriminator, in_channels=cfg.autoencoder.ddconfig.out_ch)
@@ -119,7 +126,7 @@ class AutoencoderStage:
         return Losses(minimise, log)  # type: ignore[arg-type]
 
     def publish(self) -> RegistryEntry:
-        provenance = {"source": f"vpdsr train {KIND}"} | self.trainer.provenance(self.cfg.data)
+        provenance = {"source": f"vpdsr train {KIND}", "init_from": self.init_from} | self.trainer.provenance(self.cfg.data)
         config = ModelConfig(autoencoder=self.cfg.autoencoder, inference_steps=0, kind=KIND, provenance=provenance)
         version = self.registry.next_version(self.cfg.name)
         aliases = (self.alias,) if self.alias else ()

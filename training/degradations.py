@@ -30,6 +30,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor
 from torchvision.transforms.functional import rgb_to_grayscale
 
@@ -97,6 +98,10 @@ class DegradationConfig(Config):
     final_kernel_size: int = 15
     jpeg_last_prob: float = 0.5
     """Chance of the final order resize → sinc → JPEG (else JPEG → resize → sinc)."""
+    bicubic_prob: float = Field(default=0.0, ge=0.0, le=1.0)
+    """Chance, per image, that ``kind: realesrgan`` gives the clean bicubic LR instead of the chain's.
+    A model trained on the chain alone learns to restore every input, and so smooths clean ones; a
+    share of clean pairs teaches it to leave those alone."""
 
 
 def blur(images: Tensor, kernels: Tensor) -> Tensor:
@@ -179,8 +184,7 @@ class Degrader:
                 f"need (B, 3, H, W) with H, W multiples of {cfg.scale} and ≥ {8 * cfg.scale}, got {tuple(hr.shape)}"
             )
         if cfg.kind == "bicubic":
-            x = F.interpolate(hr.float(), size=(h // cfg.scale, w // cfg.scale), mode="bicubic", antialias=True)
-            return torch.round(x.clamp(0, 1) * 255) / 255
+            return self._bicubic(hr)
         rng = _cpu_generator(generator)
         noise_rng = torch.Generator(device=hr.device)
         noise_rng.manual_seed(int(torch.randint(2**62, (), generator=rng)))
@@ -204,6 +208,16 @@ class Degrader:
             x = jpeg_compress(blur(resize(x, mode, size=target), sinc), quality)
         else:
             x = blur(resize(jpeg_compress(x, quality), mode, size=target), sinc)
+        x = torch.round(x.clamp(0, 1) * 255) / 255
+        if cfg.bicubic_prob > 0:
+            clean = (torch.rand(b, generator=rng) < cfg.bicubic_prob).to(x.device)
+            x = torch.where(clean.view(b, 1, 1, 1), self._bicubic(hr), x)
+        return x
+
+    def _bicubic(self, hr: Tensor) -> Tensor:
+        """Antialiased bicubic ×1/scale on 8-bit levels: the clean LR of the SR benchmarks."""
+        h, w = hr.shape[-2:]
+        x = F.interpolate(hr.float(), size=(h // self.config.scale, w // self.config.scale), mode="bicubic", antialias=True)
         return torch.round(x.clamp(0, 1) * 255) / 255
 
     def _blur(self, x: Tensor, stage: StageConfig, rng: torch.Generator) -> Tensor:

@@ -28,6 +28,7 @@ from .data import DataConfig
 from .degradations import DegradationConfig, Degrader
 from .latents import AutoencoderSource, build_codec, make_pair
 from .trainer import Losses, OptimConfig, RunConfig, Trainer
+from .warm_start import warm_start
 
 KIND = "teacher"
 
@@ -43,6 +44,9 @@ class TeacherTrainConfig(Config):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     run: RunConfig = Field(default_factory=RunConfig)
+    init_from: str | None = None
+    """Registry reference (a teacher, or a student of the same UNet) whose UNet weights start the run:
+    fine-tuning a trained model to new degradations (``training/warm_start.py``)."""
 
     @model_validator(mode="after")
     def _check(self) -> Self:
@@ -71,6 +75,7 @@ class TeacherStage:
         self.cfg, self.trainer, self.registry, self.alias = cfg, trainer, registry, alias
         ae_config, ae_state = cfg.autoencoder.load(registry)
         unet = SwinUNet.from_config(cfg.unet)
+        self.init_from = cfg.init_from and warm_start(unet, registry, cfg.init_from, "unet", trainer.notice)
         check_sizes(cfg.data.crop_size, cfg.diffusion.sf, ae_config.ddconfig.downsample_factor, unet, cfg.unet)
         self.autoencoder_config = ae_config
         self.latents = build_codec(ae_config, ae_state, cfg.diffusion, trainer.device)
@@ -89,7 +94,7 @@ class TeacherStage:
 
     def publish(self) -> RegistryEntry:
         cfg = self.cfg
-        provenance = {"source": f"vpdsr train {KIND}", "autoencoder": cfg.autoencoder.describe()}
+        provenance = {"source": f"vpdsr train {KIND}", "autoencoder": cfg.autoencoder.describe(), "init_from": self.init_from}
         config = ModelConfig(
             unet=cfg.unet,
             autoencoder=self.autoencoder_config,

@@ -197,6 +197,11 @@ class Trainer:
     def is_main(self) -> bool:
         return self.dist.is_main
 
+    def notice(self, message: str) -> None:
+        """Tell the user something once (on rank 0), e.g. what a warm start left out."""
+        if self.is_main:
+            tqdm.write(message)
+
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.amp_dtype is None:
             return contextlib.nullcontext()
