@@ -16,13 +16,14 @@ import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 
+import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from . import batch
 from .config import ModelConfig
 from .device import DTYPES, resolve_device, resolve_dtype
-from .errors import VPDSRError
-from .registry import Registry
+from .errors import CheckpointError, VPDSRError
+from .registry import Registry, RegistryEntry
 from .seeds import SEED_LIMIT, resolve_seed
 
 DEFAULT_MODEL = "vpdsr-small@production"
@@ -122,11 +123,34 @@ def registry_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def swap_decoder(
+    autoencoder: dict[str, torch.Tensor], config: ModelConfig, source: RegistryEntry
+) -> dict[str, torch.Tensor]:
+    """``autoencoder`` with the decoder side (``post_quant_conv``, ``decoder``) of ``source``, e.g. a
+    ``decoder_only`` fine-tune. Refused unless the architecture, encoder and codebook are identical:
+    only then does every latent the UNet was trained on stay the same."""
+    _, other = source.state_dicts()
+    decoder_side = ("decoder.", "post_quant_conv.")
+    same = source.config().autoencoder == config.autoencoder and other.keys() == autoencoder.keys() and all(
+        torch.equal(other[k], v) for k, v in autoencoder.items() if not k.startswith(decoder_side)
+    )
+    if not same:
+        raise CheckpointError(f"{source.ref} does not share this model's encoder and codebook: its decoder "
+                              "would see latents it was not trained on")
+    return {k: other[k] if k.startswith(decoder_side) else v for k, v in autoencoder.items()}
+
+
 def registry_copy(args: argparse.Namespace) -> int:
     """Promote a model from one registry (e.g. a training run's) to another, optionally in half precision."""
     entry = Registry(args.source).resolve(args.ref)
     unet, autoencoder = entry.state_dicts()
     config = entry.config()
+    metrics = entry.metrics() or None
+    if args.autoencoder:
+        decoder = Registry(args.source).resolve(args.autoencoder)
+        autoencoder = swap_decoder(autoencoder, config, decoder)
+        config = dataclasses.replace(config, provenance=config.provenance | {"decoder": decoder.ref})
+        metrics = None  # they were measured with the old decoder
     if args.tile_sizes:
         config = dataclasses.replace(config, tile_sizes=tuple(int(t) for t in args.tile_sizes.split(",")))
     target = Registry(args.registry)
@@ -134,7 +158,7 @@ def registry_copy(args: argparse.Namespace) -> int:
     copied = target.save(
         entry.name, version, config, unet, autoencoder,
         dtype=DTYPES[args.dtype] if args.dtype else None,
-        metrics=entry.metrics() or None,
+        metrics=metrics,
         aliases=(args.alias,) if args.alias else (),
     )
     print(f"copied {entry.ref} from {Registry(args.source).root} to {copied.ref} in {target.root}")
@@ -187,6 +211,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--alias", default=None, help="alias to point at the copy, e.g. production")
     p.add_argument("--dtype", choices=["float16", "bfloat16"], default=None, help="store weights in half precision")
     p.add_argument("--tile-sizes", default=None, metavar="N,N", help="LR tile buckets to serve with, e.g. 32,64")
+    p.add_argument("--autoencoder", default=None, metavar="REF",
+                   help="take the decoder from this source-registry entry (a decoder_only fine-tune of the "
+                   "model's own autoencoder)")
     p.set_defaults(handler=registry_copy)
 
 

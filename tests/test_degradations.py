@@ -98,6 +98,15 @@ def test_same_seed_same_lr_other_seed_other_lr(photos: Tensor) -> None:
     assert torch.equal(global_seeded, degrader(photos))
 
 
+def test_bicubic_prob_swaps_in_the_clean_lr_per_image(photos: Tensor) -> None:
+    """``bicubic_prob`` replaces whole images by their clean bicubic LR and leaves the rest alone."""
+    clean = Degrader(DegradationConfig(kind="bicubic"))(photos)
+    assert torch.equal(Degrader(DegradationConfig(bicubic_prob=1.0))(photos, 5), clean)
+    mixed = Degrader(DegradationConfig(bicubic_prob=0.5))(photos.repeat(8, 1, 1, 1), 5)
+    swapped = [torch.equal(image, clean[i % 2]) for i, image in enumerate(mixed)]
+    assert 0 < sum(swapped) < len(swapped)
+
+
 def test_rejects_shapes_it_cannot_quarter() -> None:
     with pytest.raises(ValueError, match="multiples of 4"):
         Degrader()(torch.rand(1, 3, 66, 64), 0)

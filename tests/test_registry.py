@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
+import torch
 
 from model import InvalidModelRef, ModelNotFound, ModelRef, Registry
+from model.cli import main
 from tests.conftest import save_tiny_model
 
 
@@ -55,10 +58,6 @@ def test_weights_round_trip_in_half_precision(tmp_path: Path) -> None:
 
 
 def test_registry_copy_command_promotes_in_half_precision(tmp_path: Path) -> None:
-    import torch
-
-    from model.cli import main
-
     save_tiny_model(tmp_path / "train", name="student")
     Registry(tmp_path / "train").write_metrics(Registry(tmp_path / "train").resolve("student"), {"CSet5": {"psnr_y": 1}})
     assert main(["registry", "copy", "student", "--from", str(tmp_path / "train"), "--registry",
@@ -72,3 +71,24 @@ def test_registry_copy_command_promotes_in_half_precision(tmp_path: Path) -> Non
     from model import SRPipeline
 
     assert SRPipeline.from_registry("student", tmp_path / "serve").tile_sizes == (8, 16)
+
+
+def test_registry_copy_swaps_in_a_fine_tuned_decoder_only_over_the_same_encoder(tmp_path: Path) -> None:
+    """``--autoencoder`` takes the decoder side of a decoder-only fine-tune; a model whose encoder or
+    codebook differs is refused, since the UNet's latents would change under it."""
+    source, target = tmp_path / "runs", tmp_path / "registry"
+    save_tiny_model(source, name="student")
+    unet, autoencoder = Registry(source).resolve("student").state_dicts()
+    config = Registry(source).resolve("student").config()
+    tuned = {k: v + 1 if k.startswith("decoder.") else v for k, v in autoencoder.items()}
+    Registry(source).save("decoder", "1", dataclasses.replace(config, kind="autoencoder"), {}, tuned)
+    save_tiny_model(source, name="other", seed=1)
+
+    assert main(["registry", "copy", "student", "--from", str(source), "--registry", str(target),
+                 "--autoencoder", "decoder"]) == 0
+    copied = Registry(target).resolve("student")
+    _, swapped = copied.state_dicts()
+    assert all(torch.equal(swapped[k], tuned[k]) for k in autoencoder)
+    assert copied.config().provenance["decoder"] == "decoder:1"
+    assert main(["registry", "copy", "student", "--from", str(source), "--registry", str(target),
+                 "--autoencoder", "other"]) == 2

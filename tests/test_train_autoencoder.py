@@ -11,10 +11,12 @@ import torch.nn.functional as F
 from model.autoencoder import VQAutoencoder
 from model.config import AutoencoderConfig, DDConfig
 from model.checkpoint import load_into
+from model.cli import main
 from model.registry import Registry
 from training.autoencoder_trainer import AutoencoderTrainConfig
 from training.config_files import ConfigError, load_config
 from training.resampler_init import init_as_resampler
+from tests.conftest import save_tiny_model
 from tests.test_trainer import IMAGES, check_resume_is_exact, metrics, train
 
 
@@ -41,6 +43,50 @@ def test_autoencoder_resume_is_exact_with_the_gan(tmp_path: Path) -> None:
     check_resume_is_exact("autoencoder", "autoencoder-small", tmp_path / "registry", tmp_path,
                           "--set", "adversarial.enabled=true")
     assert "loss/discriminator" in metrics(tmp_path / "straight")[0]
+
+
+def test_fine_tune_an_attention_autoencoder_into_a_convolutional_one(tmp_path: Path) -> None:
+    """``init_from`` starts from a registry entry's weights; ``attn_type: none`` leaves out exactly the
+    source's mid-block attention, and one small step keeps the rest close to the source."""
+    reg = tmp_path / "registry"
+    save_tiny_model(reg, name="source")
+    train("autoencoder", "autoencoder-small", reg, tmp_path / "run", "--steps", "1", "--name", "vq",
+          "--set", "init_from=source", "--set", "autoencoder.ddconfig.attn_type=none", "--set", "optim.lr=1.0e-6")
+    entry = Registry(reg).resolve("vq")
+    assert entry.config().provenance["init_from"] == "source:1"
+    _, tuned = entry.state_dicts()
+    _, source = Registry(reg).resolve("source").state_dicts()
+    assert {k for k in source if k not in tuned} == {k for k in source if ".mid.attn_1." in k} != set()
+    assert max((tuned[k] - source[k]).abs().max().item() for k in tuned) < 1e-3
+
+
+def test_decoder_only_keeps_every_latent_and_swaps_into_a_model(tmp_path: Path) -> None:
+    """``decoder_only`` trains the decoder side alone, so ``registry copy --autoencoder`` accepts it."""
+    reg = tmp_path / "registry"
+    save_tiny_model(reg, name="student")
+    train("autoencoder", "autoencoder-small", reg, tmp_path / "run", "--steps", "2", "--name", "decoder",
+          "--set", "init_from=student", "--set", "decoder_only=true", "--set", "codebook.enabled=false",
+          "--set", "autoencoder.ddconfig.resolution=32")
+    _, tuned = Registry(reg).resolve("decoder").state_dicts()
+    _, source = Registry(reg).resolve("student").state_dicts()
+    changed = {k for k in source if not torch.equal(tuned[k], source[k])}
+    assert changed and all(k.startswith(("decoder.", "post_quant_conv.")) for k in changed)
+    assert main(["registry", "copy", "student", "--from", str(reg), "--registry", str(tmp_path / "serve"),
+                 "--autoencoder", "decoder"]) == 0
+    with pytest.raises(ValueError, match="decoder_only fine-tunes an init_from model"):
+        AutoencoderTrainConfig(decoder_only=True, codebook={"enabled": False})
+
+
+def test_init_from_a_different_architecture_is_a_readable_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    reg = tmp_path / "registry"
+    save_tiny_model(reg, name="source")
+    argv = ["train", "autoencoder", "--config", "autoencoder-small", "--data", str(IMAGES), "--registry", str(reg),
+            "--out", str(tmp_path / "run"), "--steps", "1", "--set", "run.device=cpu",
+            "--set", "init_from=source", "--set", "autoencoder.n_embed=32"]
+    assert main(argv) == 2
+    assert "init_from source:1 autoencoder checkpoint does not match the architecture: 1 wrong shape" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="init_from starts from trained weights"):
+        AutoencoderTrainConfig(init_from="source", init="resampler")
 
 
 def _resampler(ch: int, ch_mult: tuple[int, ...], norm_groups: int) -> VQAutoencoder:

@@ -34,6 +34,20 @@ def test_teacher_from_a_registry_autoencoder_runs_in_vpdsr_upscale(tmp_path: Pat
     assert Image.open(out).size == (96, 64)
 
 
+def test_teacher_fine_tunes_a_students_unet(tmp_path: Path) -> None:
+    """``init_from`` a student of the same UNet: the run starts from its weights, not from scratch."""
+    reg = tmp_path / "registry"
+    save_tiny_model(reg, name="student")
+    train("teacher", "teacher-small", reg, tmp_path / "run", "--steps", "1", "--autoencoder", "student",
+          "--name", "teacher", "--set", "init_from=student", "--set", "optim.lr=1.0e-6", "--set", "run.ema_decay=null")
+    entry = Registry(reg).resolve("teacher")
+    assert entry.config().provenance["init_from"] == "student:1"
+    tuned, _ = entry.state_dicts()
+    source, _ = Registry(reg).resolve("student").state_dicts()
+    assert tuned.keys() == source.keys()
+    assert max((tuned[k] - source[k]).abs().max().item() for k in tuned) < 1e-3
+
+
 def test_teacher_resume_is_exact_with_an_official_checkpoint_and_accumulation(tmp_path: Path) -> None:
     from model.autoencoder import VQAutoencoder
 

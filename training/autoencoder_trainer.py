@@ -56,6 +56,11 @@ class AutoencoderTrainConfig(Config):
     init_from: str | None = None
     """Registry reference whose autoencoder weights start the run (fine-tuning, see
     ``training/warm_start.py``); replaces ``init``."""
+    decoder_only: bool = False
+    """Train only the decoder side (``post_quant_conv`` and ``decoder``) of an ``init_from`` model: the
+    encoder and codebook, hence every latent, stay bit-identical, so diffusion models trained in that
+    latent space keep working with the new decoder (Stable Diffusion's ft-MSE VAE is made this way).
+    ``vpdsr registry copy --autoencoder`` then swaps it into a trained model."""
     discriminator: DiscriminatorSetup = Field(default_factory=DiscriminatorSetup)
     optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=1e-4, betas=(0.5, 0.9)))
     data: DataConfig = Field(default_factory=DataConfig)
@@ -74,6 +79,9 @@ class AutoencoderTrainConfig(Config):
             if self.init_from is not None:
                 raise ValueError("init_from starts from trained weights: leave init at random")
             check_resampler(self.autoencoder)
+        if self.decoder_only and (self.init_from is None or self.codebook.enabled or self.anchor.enabled):
+            raise ValueError("decoder_only fine-tunes an init_from model with codebook and anchor off (they "
+                             "act on the frozen encoder)")
         if self.adaptive_weight and not (self.adversarial.enabled and self.l1.enabled):
             raise ValueError("adaptive_weight balances the adversarial term against l1: enable both")
         return self
@@ -91,6 +99,9 @@ class AutoencoderStage:
         if cfg.init == "resampler":
             init_as_resampler(autoencoder)
         self.init_from = cfg.init_from and warm_start(autoencoder, registry, cfg.init_from, KIND, trainer.notice)
+        if cfg.decoder_only:
+            for frozen in (autoencoder.encoder, autoencoder.quant_conv, autoencoder.quantize):
+                frozen.requires_grad_(False)
         self.part = trainer.add_part(KIND, autoencoder, cfg.optim, ema=True)
         self.adversary = (
             Adversary(trainer, cfg.discriminator, in_channels=cfg.autoencoder.ddconfig.out_ch)
