@@ -41,6 +41,10 @@ _SEARCH_CHUNK_ELEMENTS = 1 << 24
 # Attention-weight elements per query chunk (256 MiB in float32 if SDPA falls back to maths).
 _ATTENTION_CHUNK_ELEMENTS = 1 << 26
 
+DECODER_SIDE = ("decoder.", "post_quant_conv.")
+"""State-dict prefixes of what turns a latent into an image; the rest (encoder, quant_conv, codebook)
+fixes the latent space, so a decoder can be retrained or swapped without touching models built on it."""
+
 
 def _norm(channels: int, cfg: DDConfig) -> GroupNorm32:
     return GroupNorm32(channels, eps=1e-6, groups=cfg.norm_groups)

@@ -20,6 +20,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from . import batch
+from .autoencoder import DECODER_SIDE
 from .config import ModelConfig
 from .device import DTYPES, resolve_device, resolve_dtype
 from .errors import CheckpointError, VPDSRError
@@ -130,14 +131,13 @@ def swap_decoder(
     ``decoder_only`` fine-tune. Refused unless the architecture, encoder and codebook are identical:
     only then does every latent the UNet was trained on stay the same."""
     _, other = source.state_dicts()
-    decoder_side = ("decoder.", "post_quant_conv.")
     same = source.config().autoencoder == config.autoencoder and other.keys() == autoencoder.keys() and all(
-        torch.equal(other[k], v) for k, v in autoencoder.items() if not k.startswith(decoder_side)
+        torch.equal(other[k], v) for k, v in autoencoder.items() if not k.startswith(DECODER_SIDE)
     )
     if not same:
         raise CheckpointError(f"{source.ref} does not share this model's encoder and codebook: its decoder "
                               "would see latents it was not trained on")
-    return {k: other[k] if k.startswith(decoder_side) else v for k, v in autoencoder.items()}
+    return {k: other[k] if k.startswith(DECODER_SIDE) else v for k, v in autoencoder.items()}
 
 
 def registry_copy(args: argparse.Namespace) -> int:

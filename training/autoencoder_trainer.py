@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import Tensor
 
-from model.autoencoder import VQAutoencoder
+from model.autoencoder import DECODER_SIDE, VQAutoencoder
 from model.config import AutoencoderConfig, ModelConfig
 from model.registry import Registry, RegistryEntry
 
@@ -100,8 +100,8 @@ class AutoencoderStage:
             init_as_resampler(autoencoder)
         self.init_from = cfg.init_from and warm_start(autoencoder, registry, cfg.init_from, KIND, trainer.notice)
         if cfg.decoder_only:
-            for frozen in (autoencoder.encoder, autoencoder.quant_conv, autoencoder.quantize):
-                frozen.requires_grad_(False)
+            for name, parameter in autoencoder.named_parameters():
+                parameter.requires_grad_(name.startswith(DECODER_SIDE))
         self.part = trainer.add_part(KIND, autoencoder, cfg.optim, ema=True)
         self.adversary = (
             Adversary(trainer, cfg.discriminator, in_channels=cfg.autoencoder.ddconfig.out_ch)

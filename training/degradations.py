@@ -104,6 +104,11 @@ class DegradationConfig(Config):
     share of clean pairs teaches it to leave those alone."""
 
 
+def to_8bit(images: Tensor) -> Tensor:
+    """Clamp to [0, 1] and round to the 256 levels an 8-bit LR file would hold."""
+    return torch.round(images.clamp(0, 1) * 255) / 255
+
+
 def blur(images: Tensor, kernels: Tensor) -> Tensor:
     """Filter each image of ``(B, C, H, W)`` with its own kernel of ``(B, k, k)``, one grouped conv.
 
@@ -208,7 +213,7 @@ class Degrader:
             x = jpeg_compress(blur(resize(x, mode, size=target), sinc), quality)
         else:
             x = blur(resize(jpeg_compress(x, quality), mode, size=target), sinc)
-        x = torch.round(x.clamp(0, 1) * 255) / 255
+        x = to_8bit(x)
         if cfg.bicubic_prob > 0:
             clean = (torch.rand(b, generator=rng) < cfg.bicubic_prob).to(x.device)
             x = torch.where(clean.view(b, 1, 1, 1), self._bicubic(hr), x)
@@ -217,8 +222,8 @@ class Degrader:
     def _bicubic(self, hr: Tensor) -> Tensor:
         """Antialiased bicubic ×1/scale on 8-bit levels: the clean LR of the SR benchmarks."""
         h, w = hr.shape[-2:]
-        x = F.interpolate(hr.float(), size=(h // self.config.scale, w // self.config.scale), mode="bicubic", antialias=True)
-        return torch.round(x.clamp(0, 1) * 255) / 255
+        return to_8bit(F.interpolate(hr.float(), size=(h // self.config.scale, w // self.config.scale),
+                                     mode="bicubic", antialias=True))
 
     def _blur(self, x: Tensor, stage: StageConfig, rng: torch.Generator) -> Tensor:
         if not bernoulli(rng, stage.blur_prob):
