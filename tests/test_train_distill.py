@@ -130,6 +130,17 @@ def test_semantic_loss_needs_clip_weights_unless_switched_off(
     assert Registry(registry).resolve("vpdsr-small").config().provenance["losses"] == {"distill": 1.0, "hfp": 0.1}
 
 
+def test_fidelity_term_is_off_by_default_and_logged_when_on(tmp_path: Path, registry: Path) -> None:
+    """L_fid (MSE to the HR latent) is not the paper's: only a config that asks for it gets it."""
+    train("distill", "distill-small", registry, tmp_path / "run", "--steps", "1", "--teacher", "tiny-teacher",
+          "--set", "losses.semantic.enabled=false", "--set", "losses.adversarial.enabled=false",
+          "--set", "losses.fidelity.enabled=true", "--set", "losses.fidelity.weight=0.5")
+    row = metrics(tmp_path / "run")[0]
+    assert {k for k in row if k.startswith("loss/")} == {"loss/distill", "loss/hfp", "loss/fidelity", "loss/total"}
+    assert row["loss/total"] == pytest.approx(row["loss/distill"] + 0.1 * row["loss/hfp"] + 0.5 * row["loss/fidelity"], rel=1e-5)
+    assert Registry(registry).resolve("vpdsr-small").config().provenance["losses"] == {"distill": 1.0, "hfp": 0.1, "fidelity": 0.5}
+
+
 def test_adaptive_adversarial_weight_is_logged_and_checked(tmp_path: Path, registry: Path, tiny_clip: list[str]) -> None:
     """``adaptive_weight`` scales λ_adv by VQGAN's gradient ratio; the factor is logged every step."""
     train("distill", "distill-small", registry, tmp_path / "run", "--steps", "2", "--teacher", "tiny-teacher",

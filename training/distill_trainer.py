@@ -10,6 +10,9 @@ image encoder stay frozen. Per micro-batch:
    ``L_distill = MSE(z_tch, z_stu)``, ``L_HFP`` = MSE of the LH/HL/HH wavelet bands of ``z_stu`` and
    ``z_tch`` (MSE alone under-weights the teacher's fine detail), ``L_SD = 1 − cos(CLIP(D(z_stu)), CLIP(HR))`` (gradients through the
    frozen decoder by straight-through quantisation), ``L_adv = −E[D(z_stu)]`` of a latent PatchGAN;
+   optionally (off by default, not in the paper) ``L_fid = MSE(z0, z_stu)``, which ties the student
+   to the HR latent itself as SinSR's ground-truth consistency term does: a briefly trained teacher
+   hallucinates, and without it the student copies that;
 4. the discriminator steps in the same iteration with the hinge loss on ``z0`` vs detached ``z_stu``.
 
 Every term can be switched off (``losses.<term>.enabled``) for the paper's ablations. The registry
@@ -22,6 +25,7 @@ from pathlib import Path
 from typing import Self
 
 import torch
+import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import Tensor
 
@@ -46,12 +50,14 @@ KIND = "student"
 
 
 class DistillLosses(Config):
-    """The four terms of Algorithm 1 and their weights (paper: λ1, λ2, λ3 = 0.1, 1, 0.1)."""
+    """The four terms of Algorithm 1 and their weights (paper: λ1, λ2, λ3 = 0.1, 1, 0.1), and the
+    optional HR-fidelity term (off unless a config switches it on)."""
 
     distill: LossTerm = Field(default_factory=LossTerm)
     hfp: LossTerm = Field(default_factory=lambda: LossTerm(weight=0.1))
     semantic: LossTerm = Field(default_factory=lambda: LossTerm(weight=1.0))
     adversarial: LossTerm = Field(default_factory=lambda: LossTerm(weight=0.1))
+    fidelity: LossTerm = Field(default_factory=lambda: LossTerm(enabled=False, weight=1.0))
 
     def enabled(self) -> dict[str, float]:
         """Weight of each switched-on term."""
@@ -138,6 +144,8 @@ class DistillStage:
         terms: dict[str, Tensor] = {}
         if cfg.losses.distill.enabled:
             terms["distill"] = distill_loss(z_tch, z_stu)
+        if cfg.losses.fidelity.enabled:
+            terms["fidelity"] = F.mse_loss(z_stu, pair.z0)
         if cfg.losses.hfp.enabled:
             # Outside autocast: pytorch_wavelets' autograd function fails in backward on half-precision grads.
             with torch.autocast(hr.device.type, enabled=False):
