@@ -163,3 +163,10 @@ def test_crop_bank_is_allotted_by_area_and_reproducible(tmp_path: Path, capsys: 
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     assert main(["crops", str(src), str(tmp_path / "c"), "--size", "512"]) == 2
     assert "no image has a short side of at least 512" in capsys.readouterr().err
+    assert main(["crops", str(src), str(tmp_path / "j"), "--size", "32", "--count", "7", "--seed", "3", "--jpeg-quality", "95"]) == 0
+    jpegs = sorted((tmp_path / "j").iterdir())
+    assert [p.stem for p in jpegs] == [Path(n).stem for n in names] and {p.suffix for p in jpegs} == {".jpg"}
+    first = np.asarray(Image.open(jpegs[0]), dtype=np.float64)  # the same crop, slightly lossy
+    assert np.abs(first - np.asarray(Image.open(tmp_path / "a" / names[0]), dtype=np.float64)).mean() < 3
+    assert main(["crops", str(src), str(tmp_path / "k"), "--jpeg-quality", "0"]) == 2
+    assert "--jpeg-quality must be between 1 and 100" in capsys.readouterr().err

@@ -152,3 +152,21 @@ def test_adaptive_adversarial_weight_is_logged_and_checked(tmp_path: Path, regis
         from training.distill_trainer import DistillTrainConfig
 
         load_config(DistillTrainConfig, "distill-small", [("adaptive_weight", True), ("losses.adversarial.enabled", False)])
+
+
+def test_teacher_steps_sets_the_distillation_target(
+    tmp_path: Path, registry: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``teacher_steps: 1`` distils the teacher's own single step: the student starts as a copy of
+    the teacher, so its first L_distill is zero (up to rounding). More steps than the schedule has is a user error."""
+    only_mse = ["--set", "losses.semantic.enabled=false", "--set", "losses.adversarial.enabled=false",
+                "--set", "losses.hfp.enabled=false"]
+    train("distill", "distill-small", registry, tmp_path / "run", "--steps", "1", "--teacher", "tiny-teacher",
+          "--set", "teacher_steps=1", *only_mse)
+    assert metrics(tmp_path / "run")[0]["loss/distill"] < 1e-10  # float rounding alone
+    assert Registry(registry).resolve("vpdsr-small").config().provenance["teacher_steps"] == 1
+    argv = ["train", "distill", "--config", "distill-small", "--data", str(IMAGES), "--registry", str(registry),
+            "--teacher", "tiny-teacher", "--out", str(tmp_path / "bad"), "--steps", "1", "--set", "teacher_steps=16",
+            *only_mse]
+    assert main(argv) == 2
+    assert "teacher_steps 16 exceeds the teacher's 15 diffusion steps" in capsys.readouterr().err

@@ -22,7 +22,7 @@ from model.cli import main
 from training.autoencoder_trainer import AutoencoderTrainConfig
 from training.config_files import PRESETS, ConfigError, load_config, parse_override
 from training.distill_trainer import DistillTrainConfig
-from training.trainer import OptimConfig
+from training.trainer import OptimConfig, RunConfig, Trainer
 from training.stream import ResumableSampler
 from training.teacher_trainer import TeacherTrainConfig
 
@@ -169,3 +169,17 @@ def test_learning_rate_schedule() -> None:
     assert cfg.lr_at(9, 14) == pytest.approx(0.55)
     assert cfg.lr_at(14, 14) == pytest.approx(0.1)
     assert OptimConfig(lr=2.0).lr_at(10**6, 10) == 2.0
+
+
+def test_time_budget_plans_the_last_step() -> None:
+    """Under run.max_minutes a run ends where its pace says the budget runs out (run.steps at most),
+    and its learning-rate schedule is laid over those steps."""
+    trainer = Trainer(RunConfig(steps=1000, max_minutes=1.0, device="cpu", out_dir=Path("unused")), {})
+    assert trainer.planned_steps() == 1000  # no pace yet
+    trainer.step, trainer.elapsed = 10, 30.0
+    assert trainer.planned_steps() == 20
+    trainer.step, trainer.elapsed = 10, 0.1
+    assert trainer.planned_steps() == 1000
+    trainer.step, trainer.elapsed = 25, 60.5
+    assert trainer.planned_steps() == 25  # out of time: the step just taken was the last
+    assert Trainer(RunConfig(steps=7, device="cpu"), {}).planned_steps() == 7

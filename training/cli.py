@@ -78,8 +78,10 @@ def crops(args: argparse.Namespace) -> int:
 
     if args.size < 32 or args.count < 1:
         raise VPDSRError(f"--size must be at least 32 and --count positive, got {args.size} and {args.count}")
+    if args.jpeg_quality is not None and not 1 <= args.jpeg_quality <= 100:
+        raise VPDSRError(f"--jpeg-quality must be between 1 and 100, got {args.jpeg_quality}")
     with _user_errors():
-        count = make_crop_bank(args.sources, args.out_dir, args.size, args.count, args.seed)
+        count = make_crop_bank(args.sources, args.out_dir, args.size, args.count, args.seed, args.jpeg_quality)
     print(f"wrote {count} crops of {args.size}² to {args.out_dir}")
     return 0
 
@@ -105,8 +107,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "allotted in proportion to image area, into OUT_DIR; train on OUT_DIR with --data.",
     )
     parser.add_argument("sources", type=Path, nargs="+", metavar="SOURCE", help="folders of images, or .txt lists")
-    parser.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="receives the PNG crops")
+    parser.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="receives the crops (PNG)")
     parser.add_argument("--size", type=int, default=256, help="crop side in pixels")
     parser.add_argument("--count", type=int, default=4000, help="number of crops in all")
     parser.add_argument("--seed", type=int, default=0, help="same sources and seed, same bank")
+    parser.add_argument("--jpeg-quality", type=int, default=None, metavar="Q",
+                        help="write JPEGs at quality Q (1-100, no chroma subsampling) instead of PNGs: a bank "
+                        "small enough to carry to a device machine")
     parser.set_defaults(handler=crops)

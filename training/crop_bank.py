@@ -9,7 +9,9 @@ also starve a CPU training run. So the crops are cut once, ahead of training:
   ``count × area / total area``, from the image header alone, so nothing is decoded twice);
 * each image is decoded once and its crops are drawn uniformly at random from a generator seeded
   by ``(seed, file index)``: the same sources and seed give the same bank on every machine;
-* crops are lossless PNGs named ``<source folder>_<file stem>_<k>.png``.
+* crops are lossless PNGs named ``<source folder>_<file stem>_<k>.png``, or JPEGs (no chroma
+  subsampling) at a given quality where the bank must travel small: to a device machine, whose
+  command carries at most 64 MiB with the repository.
 
 Training then samples the bank uniformly (``--data BANK``), which is sampling the photographs by
 area. Images smaller than the crop contribute none.
@@ -38,8 +40,11 @@ def allocate(areas: Sequence[int], count: int) -> list[int]:
     return shares.tolist()
 
 
-def make_crop_bank(sources: Sequence[Path], out_dir: Path, size: int, count: int, seed: int = 0) -> int:
+def make_crop_bank(
+    sources: Sequence[Path], out_dir: Path, size: int, count: int, seed: int = 0, jpeg_quality: int | None = None
+) -> int:
     """Write ``count`` random ``size``² crops of the images in ``sources`` to ``out_dir``; returns how many.
+    ``jpeg_quality``: write JPEGs at this quality instead of PNGs.
 
     Raises ``FileNotFoundError``/``ValueError`` (from :func:`training.data.list_images`) for bad
     sources and ``ValueError`` when no image is at least ``size`` pixels on its short side.
@@ -53,6 +58,7 @@ def make_crop_bank(sources: Sequence[Path], out_dir: Path, size: int, count: int
     if not any(areas):
         raise ValueError(f"no image has a short side of at least {size} pixels")
     out_dir.mkdir(parents=True, exist_ok=True)
+    suffix, options = (".png", {}) if jpeg_quality is None else (".jpg", {"quality": jpeg_quality, "subsampling": 0})
     written = 0
     for index, (path, (width, height), share) in enumerate(zip(paths, sizes, allocate(areas, count))):
         if share == 0:
@@ -62,6 +68,7 @@ def make_crop_bank(sources: Sequence[Path], out_dir: Path, size: int, count: int
             rgb = image.convert("RGB")
         for k in range(share):
             left, top = int(rng.integers(width - size + 1)), int(rng.integers(height - size + 1))
-            rgb.crop((left, top, left + size, top + size)).save(out_dir / f"{path.parent.name}_{path.stem}_{k}.png")
+            crop = rgb.crop((left, top, left + size, top + size))
+            crop.save(out_dir / f"{path.parent.name}_{path.stem}_{k}{suffix}", **options)
             written += 1
     return written

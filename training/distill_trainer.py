@@ -4,7 +4,8 @@ The student is a copy of the teacher's Swin-UNet; the teacher, the VQ autoencode
 image encoder stay frozen. Per micro-batch:
 
 1. HR crops → Real-ESRGAN LR; ``z_y = E(bicubic×4(LR))``, ``z0 = E(HR)``; ``z_T = z_y + κ√η_T ε``;
-2. ``z_tch``: the teacher's deterministic T-step sampling from ``z_T`` (no gradients);
+2. ``z_tch``: the teacher's deterministic T-step sampling from ``z_T`` (no gradients; ``teacher_steps``
+   of its schedule, all by default);
    ``z_stu``: the student's one step from the same ``z_T``;
 3. ``L = L_distill + λ1 L_HFP + λ2 L_SD + λ3 L_adv`` with
    ``L_distill = MSE(z_tch, z_stu)``, ``L_HFP`` = MSE of the LH/HL/HH wavelet bands of ``z_stu`` and
@@ -71,6 +72,10 @@ class DistillTrainConfig(Config):
     name: str = "vpdsr"
     teacher: str | None = None
     """Registry reference of the teacher (``--teacher REF``)."""
+    teacher_steps: int | None = Field(None, ge=1)
+    """Sampler steps of the distillation target ``z_tch`` (default: all of the teacher's schedule,
+    the paper's). Fewer steps of the same schedule give a target that a briefly trained teacher
+    renders with less leftover noise (docs/training.md, fifth attempt)."""
     losses: DistillLosses = Field(default_factory=DistillLosses)
     clip: ClipConfig = Field(default_factory=ClipConfig)
     discriminator: DiscriminatorSetup = Field(default_factory=DiscriminatorSetup)
@@ -114,6 +119,9 @@ class DistillStage:
         check_sizes(cfg.data.crop_size, mc.diffusion.sf, mc.autoencoder.ddconfig.downsample_factor, self.teacher, mc.unet)
         self.latents = build_codec(mc.autoencoder, ae_state, mc.diffusion, device)
         self.schedule = ResShiftSchedule(mc.diffusion)
+        self.teacher_steps = cfg.teacher_steps or self.schedule.num_steps
+        if self.teacher_steps > self.schedule.num_steps:
+            raise ConfigError(f"teacher_steps {cfg.teacher_steps} exceeds the teacher's {self.schedule.num_steps} diffusion steps")
         self.degrader = Degrader(cfg.degradation)
         student = SwinUNet.from_config(mc.unet)
         load_into(student, unet_state, "teacher UNet")
@@ -138,7 +146,7 @@ class DistillStage:
         pair = make_pair(hr, self.degrader, self.trainer.generator, self.latents)
         noise = torch.randn_like(pair.z_y)
         with torch.no_grad():
-            z_tch = sample(self.teacher, self.schedule, pair.z_y, pair.lq, noise, self.schedule.num_steps).float()
+            z_tch = sample(self.teacher, self.schedule, pair.z_y, pair.lq, noise, self.teacher_steps).float()
         z_stu = sample(self.student.net, self.schedule, pair.z_y, pair.lq, noise, 1).float()
 
         terms: dict[str, Tensor] = {}
@@ -174,6 +182,7 @@ class DistillStage:
         provenance = {
             "source": "vpdsr train distill",
             "teacher": self.teacher_entry.ref,
+            "teacher_steps": self.teacher_steps,
             "losses": cfg.losses.enabled(),
             "clip": {"model_name": clip.model_name, "weights": Path(clip.pretrained_path).name if clip.pretrained_path else None}
             if self.clip is not None

@@ -58,7 +58,7 @@ class Distributed:
         return out
 
     def mean(self, values: dict[str, float]) -> dict[str, float]:
-        """Average scalar metrics over ranks (for logging only)."""
+        """Average scalars over ranks: logged metrics, and the elapsed time a time budget is checked against."""
         if not self.enabled or not values:
             return values
         keys = sorted(values)

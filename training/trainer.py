@@ -86,6 +86,11 @@ class RunConfig(Config):
     """
 
     steps: int = Field(1000, ge=1)
+    max_minutes: float | None = Field(None, gt=0)
+    """Wall-clock budget of the training loop: the run ends at the first step past it and
+    checkpoints and publishes as if ``steps`` were reached. Learning-rate schedules then run on the
+    steps the pace so far predicts, so a fixed-time run (a device lease) still anneals to ``min_lr``.
+    Such a run depends on the machine's speed, so resuming it does not reproduce it bit for bit."""
     grad_accum: int = Field(1, ge=1)
     seed: int = 0
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
@@ -247,7 +252,8 @@ class Trainer:
 
     # -- the loop --------------------------------------------------------------------------------
     def fit(self, objective: Objective, data: DataConfig) -> None:
-        """Train from :attr:`step` to ``run.steps``, logging and checkpointing on the way."""
+        """Train from :attr:`step` to ``run.steps`` (or until ``run.max_minutes``), logging and
+        checkpointing on the way."""
         run = self.run
         batches = hr_batches(
             data, self.device, rank=self.dist.rank, world_size=self.dist.world_size,
@@ -255,12 +261,13 @@ class Trainer:
         )
         samples_per_step = data.batch_size * run.grad_accum * self.dist.world_size
         log = self._open_metrics() if self.is_main else None
-        bar = tqdm(total=run.steps, initial=self.step, disable=not self.is_main, dynamic_ncols=True, unit="step")
+        planned = self.planned_steps()
+        bar = tqdm(total=planned, initial=self.step, disable=not self.is_main, dynamic_ncols=True, unit="step")
         window: dict[str, Tensor] = {}
         window_steps, window_time, tick = 0, 0.0, time.perf_counter()
         try:
-            while self.step < run.steps:
-                lrs, terms = self.train_step(objective, batches)
+            while self.step < planned:
+                lrs, terms = self.train_step(objective, batches, planned)
                 for key, value in terms.items():
                     window[key] = window.get(key, 0.0) + value
                 self.step += 1
@@ -268,7 +275,9 @@ class Trainer:
                 now = time.perf_counter()
                 self.elapsed += now - tick
                 window_steps, window_time, tick = window_steps + 1, window_time + now - tick, now
-                if self.step % run.log_every == 0 or self.step == run.steps:
+                planned = bar.total = self.planned_steps()
+                last = self.step >= planned
+                if self.step % run.log_every == 0 or last:
                     row = self.dist.mean({k: float(v) / window_steps for k, v in window.items()})
                     row |= {f"lr/{name}": lr for name, lr in lrs.items()}
                     row["samples_per_s"] = samples_per_step * window_steps / window_time
@@ -277,26 +286,41 @@ class Trainer:
                         log.flush()
                         bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k.startswith("loss")}, refresh=False)
                     window, window_steps, window_time = {}, 0, 0.0
-                if self.step % run.checkpoint_every == 0 or self.step == run.steps:
+                if self.step % run.checkpoint_every == 0 or last:
                     self.save_checkpoint()
         finally:
             bar.close()
             if log is not None:
                 log.close()
 
-    def train_step(self, objective: Objective, batches: Iterator[Tensor]) -> tuple[dict[str, float], dict[str, Tensor]]:
-        """One optimiser step of every part at :attr:`step` (which the caller advances): learning
-        rates, ``grad_accum`` micro-batches forward and backward, optimisers and EMA copies. Public
-        so that a benchmark times exactly the step that :meth:`fit` runs. Returns the learning
-        rates and the step's logged terms."""
-        lrs = self._set_learning_rates()
+    def planned_steps(self) -> int:
+        """The step the run ends at: ``run.steps``, or, under ``run.max_minutes``, fewer when the
+        pace so far says the budget runs out first (the current step once it has)."""
+        run = self.run
+        if run.max_minutes is None or self.step == 0:
+            return run.steps
+        # The mean over ranks: every rank must stop at, and schedule by, the same step.
+        elapsed = self.dist.mean({"elapsed_s": self.elapsed})["elapsed_s"]
+        budget = run.max_minutes * 60
+        if elapsed >= budget:
+            return self.step
+        return max(self.step + 1, min(run.steps, round(self.step * budget / elapsed)))
+
+    def train_step(
+        self, objective: Objective, batches: Iterator[Tensor], total_steps: int | None = None
+    ) -> tuple[dict[str, float], dict[str, Tensor]]:
+        """One optimiser step of every part at :attr:`step` (which the caller advances) of a run of
+        ``total_steps`` (default ``run.steps``): learning rates, ``grad_accum`` micro-batches
+        forward and backward, optimisers and EMA copies. Public so that a benchmark times exactly
+        the step that :meth:`fit` runs. Returns the learning rates and the step's logged terms."""
+        lrs = self._set_learning_rates(total_steps or self.run.steps)
         terms, stepping = self._accumulate(objective, batches)
         return lrs, terms | self._optimise(stepping)
 
-    def _set_learning_rates(self) -> dict[str, float]:
+    def _set_learning_rates(self, total_steps: int) -> dict[str, float]:
         lrs = {}
         for name, part in self.parts.items():
-            lrs[name] = part.optim.lr_at(self.step, self.run.steps)
+            lrs[name] = part.optim.lr_at(self.step, total_steps)
             for group in part.optimizer.param_groups:
                 group["lr"] = lrs[name]
         return lrs
