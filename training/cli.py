@@ -107,7 +107,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "allotted in proportion to image area, into OUT_DIR; train on OUT_DIR with --data.",
     )
     parser.add_argument("sources", type=Path, nargs="+", metavar="SOURCE", help="folders of images, or .txt lists")
-    parser.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="receives the crops (PNG)")
+    parser.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="receives the crops (PNGs, or JPEGs with --jpeg-quality)")
     parser.add_argument("--size", type=int, default=256, help="crop side in pixels")
     parser.add_argument("--count", type=int, default=4000, help="number of crops in all")
     parser.add_argument("--seed", type=int, default=0, help="same sources and seed, same bank")

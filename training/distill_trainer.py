@@ -74,8 +74,9 @@ class DistillTrainConfig(Config):
     """Registry reference of the teacher (``--teacher REF``)."""
     teacher_steps: int | None = Field(None, ge=1)
     """Sampler steps of the distillation target ``z_tch`` (default: all of the teacher's schedule,
-    the paper's). Fewer steps of the same schedule give a target that a briefly trained teacher
-    renders with less leftover noise (docs/training.md, fifth attempt)."""
+    the paper's). Fewer steps of the same schedule leave less of the noise that a briefly trained
+    teacher cannot remove; with the teacher's single step as the target, the fifth real-world
+    attempt measured no gain over its four (docs/training.md)."""
     losses: DistillLosses = Field(default_factory=DistillLosses)
     clip: ClipConfig = Field(default_factory=ClipConfig)
     discriminator: DiscriminatorSetup = Field(default_factory=DiscriminatorSetup)
