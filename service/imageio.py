@@ -7,26 +7,27 @@ pixel count is checked from the header — ``Image.open`` is lazy — before any
 Failures become :mod:`service.errors` exceptions: 413 for too big, 415 for what is not an image
 of a supported format, 400 for a supported format whose data is corrupt or truncated.
 
-Decoded images are normalised to what the model expects: EXIF orientation applied, colours
-converted to sRGB from an embedded ICC profile, and every pixel mode reduced to RGB, RGBA, L or
-LA (alpha is kept: the pipeline upscales it separately). Of an animated or multi-page image only
-the first frame is used; the number of frames left out is reported.
+Decoded images are normalised, and results encoded, by :mod:`model.images`: the image policy
+that ``vpdsr upscale`` applies too, so a local run and a run on the service give the same image
+(EXIF orientation, ICC profile to sRGB, alpha kept, JPEG output composited onto white). Of an
+animated or multi-page image only the first frame is used; the number of frames left out is
+reported.
 """
 
 from __future__ import annotations
 
 import io
-import logging
 import warnings
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Literal
 
-import numpy as np
-from PIL import Image, ImageCms, ImageOps
+from PIL import Image
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect, Request
+
+from model import images
+from model.images import OutputFormat
 
 from .errors import (
     BadRequest,
@@ -38,11 +39,8 @@ from .errors import (
 )
 from .settings import Settings
 
-log = logging.getLogger("vpdsr.service")
-
-OutputFormat = Literal["png", "jpeg", "webp"]
+encode_image = images.encode  # results are encoded by the shared policy (service.upscale calls it so)
 MEDIA_TYPES: dict[str, str] = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
-DEFAULT_QUALITY = 90
 SUPPORTED = "PNG, JPEG, WebP, GIF, BMP or TIFF"
 
 # Magic numbers → Pillow format names that may open them (a JPEG may turn out to be an MPO).
@@ -55,10 +53,6 @@ _SIGNATURES: tuple[tuple[bytes, tuple[str, ...]], ...] = (
     (b"II*\x00", ("TIFF",)),
     (b"MM\x00*", ("TIFF",)),
 )
-_SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
-_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
-_AS_RGB = ("CMYK", "YCbCr", "RGBX", "HSV")
-_AS_RGBA = ("PA", "RGBa")
 
 
 @dataclass(frozen=True)
@@ -73,30 +67,21 @@ class DecodedImage:
         return "jpeg" if self.format in ("JPEG", "MPO") else "png"
 
 
-@dataclass(frozen=True)
-class ImageLimits:
-    """What an input image may measure; checked from its header, before any pixel is decoded."""
-
-    max_pixels: int
-    max_side: int
-    max_aspect: float
+class ImageLimits(images.ImageLimits):
+    """The settings' limits of :class:`model.images.ImageLimits`, as HTTP errors."""
 
     @classmethod
     def of(cls, settings: Settings) -> ImageLimits:
         return cls(settings.max_pixels, settings.max_side, settings.max_aspect)
 
     def check(self, width: int, height: int) -> None:
-        """413 for too many pixels; 422 for an extreme shape (a 200000×10 strip is a few KB of PNG)."""
-        if width * height > self.max_pixels:
-            raise PayloadTooLarge(
-                f"image of {width}×{height} = {width * height} pixels exceeds the limit of {self.max_pixels} pixels"
-            )
-        if max(width, height) > self.max_side:
-            raise InvalidParameters(f"image of {width}×{height}: a side exceeds the limit of {self.max_side} pixels")
-        if max(width, height) > self.max_aspect * max(1, min(width, height)):
-            raise InvalidParameters(
-                f"image of {width}×{height}: aspect ratio exceeds the limit of {self.max_aspect:g}:1"
-            )
+        """413 for too many pixels; 422 for a too long side or an extreme shape."""
+        try:
+            super().check(width, height)
+        except images.ImageTooLarge as exc:
+            raise PayloadTooLarge(str(exc)) from None
+        except images.ImageRefused as exc:
+            raise InvalidParameters(str(exc)) from None
 
 
 @dataclass(frozen=True)
@@ -185,63 +170,13 @@ def decode_image(data: bytes, limits: ImageLimits) -> DecodedImage:
             frames = getattr(image, "n_frames", 1)
             image.seek(0)
             image.load()
-            upright = to_srgb(ImageOps.exif_transpose(image))
+            upright = images.normalize(image)
         except Image.DecompressionBombError as exc:
             raise PayloadTooLarge(str(exc)) from None
+        except images.UnsupportedImage as exc:
+            raise UnsupportedMediaType(str(exc)) from None
         except ServiceError:
             raise
         except Exception as exc:  # Pillow signals corrupt data with many exception types
             raise BadRequest(f"corrupt or truncated {kind} image: {exc}") from None
     return DecodedImage(upright, found, max(0, frames - 1))
-
-
-def to_srgb(image: Image.Image) -> Image.Image:
-    """Any supported pixel mode → RGB, RGBA, L or LA in sRGB (alpha kept)."""
-    if image.mode in _SIXTEEN_BIT:
-        # Pillow's convert("L") clips 16-bit values instead of scaling them.
-        pixels = np.asarray(image, dtype=np.float64) / 257.0
-        image = Image.fromarray(np.clip(pixels, 0, 255).round().astype(np.uint8), "L")
-    icc = image.info.get("icc_profile")
-    if icc and image.mode in ("RGB", "RGBA", "CMYK"):
-        image = _apply_icc(image, icc)
-    if image.mode in ("1", "L", "P", "RGB") and image.has_transparency_data:
-        image = image.convert("LA" if image.mode in ("1", "L") else "RGBA")
-    elif image.mode in ("1", "La"):
-        image = image.convert("L" if image.mode == "1" else "LA")
-    elif image.mode in ("P", *_AS_RGB):
-        image = image.convert("RGB")
-    elif image.mode in _AS_RGBA:
-        image = image.convert("RGBA")
-    if image.mode not in ("RGB", "RGBA", "L", "LA"):
-        raise UnsupportedMediaType(f"unsupported pixel mode {image.mode}: send RGB, greyscale, palette or CMYK")
-    return image
-
-
-def _apply_icc(image: Image.Image, icc: bytes) -> Image.Image:
-    """Convert from the embedded profile to sRGB; a broken profile is ignored, not fatal."""
-    try:
-        source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
-        mode = "RGBA" if image.mode == "RGBA" else "RGB"
-        converted = ImageCms.profileToProfile(image, source, _SRGB, outputMode=mode)
-    except (ImageCms.PyCMSError, OSError, ValueError) as exc:
-        log.warning("ignoring unusable ICC profile: %s", exc)
-        return image
-    assert converted is not None
-    return converted
-
-
-# -- encoding --------------------------------------------------------------------------------------
-def encode_image(image: Image.Image, fmt: OutputFormat, quality: int | None = None) -> bytes:
-    """PNG (lossless, alpha), JPEG (alpha composited onto white) or WebP (alpha kept)."""
-    buffer = io.BytesIO()
-    if fmt == "png":
-        image.save(buffer, "PNG")
-    elif fmt == "jpeg":
-        if image.mode in ("RGBA", "LA"):
-            base = Image.new(image.mode[:-1], image.size, "white")
-            base.paste(image.convert(image.mode[:-1]), mask=image.getchannel("A"))
-            image = base
-        image.save(buffer, "JPEG", quality=quality or DEFAULT_QUALITY)
-    else:
-        image.save(buffer, "WEBP", quality=quality or DEFAULT_QUALITY)
-    return buffer.getvalue()

@@ -1,0 +1,163 @@
+"""The one image policy of ``vpdsr upscale`` (local or ``--server``) and of the HTTP service.
+
+Both read and write images through this module, so a photo gives the same result whichever of
+them runs it (a Display P3 photo must not come out in other colours because it was upscaled
+locally). Reading: the first frame only, EXIF orientation applied, colours converted to sRGB from
+an embedded ICC profile, 16-bit greyscale scaled (not clipped) to 8 bits, and every pixel mode
+reduced to RGB, RGBA, L or LA; alpha is kept, the pipeline upscales it separately. Writing: PNG
+and WebP keep alpha; JPEG has none, so the image is composited onto white (the colours under
+fully transparent pixels are arbitrary and must not show). The size limits are checked from the
+header, before any pixel is decoded: a 500 KB PNG can claim 13000² pixels.
+
+Format sniffing, body limits and decode budgets of untrusted HTTP input stay in
+:mod:`service.imageio`; this module is what both sides must agree on.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from PIL import Image, ImageCms, ImageOps
+
+from .errors import InvalidRequest
+
+log = logging.getLogger("vpdsr.images")
+
+OutputFormat = Literal["png", "jpeg", "webp"]
+DEFAULT_QUALITY = 90  # JPEG and WebP
+# What a local read may open: the formats the service accepts (Pillow names; a JPEG may be an MPO).
+READ_FORMATS = ("PNG", "JPEG", "MPO", "GIF", "BMP", "TIFF", "WEBP")
+
+_SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_AS_RGB = ("CMYK", "YCbCr", "RGBX", "HSV")
+_AS_RGBA = ("PA", "RGBa")
+
+
+class ImageRefused(InvalidRequest):
+    """An image outside the limits; ``setting`` names the limit (an :class:`ImageLimits` field)."""
+
+    def __init__(self, message: str, setting: str) -> None:
+        super().__init__(message)
+        self.setting = setting
+
+
+class ImageTooLarge(ImageRefused):
+    """More pixels than ``max_pixels`` (the service answers 413, the other refusals 422)."""
+
+
+class UnsupportedImage(InvalidRequest):
+    """A pixel mode the model cannot take (e.g. floating-point TIFF)."""
+
+
+class UnreadableImage(InvalidRequest):
+    """A file that is not an image of a supported format, or whose data is corrupt."""
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """What an input image may measure. The defaults are the service's (``VPDSR_MAX_PIXELS``,
+    ``VPDSR_MAX_SIDE``, ``VPDSR_MAX_ASPECT``): an input of 4096² already makes a 16384² result."""
+
+    max_pixels: int = 4096 * 4096
+    max_side: int = 8192
+    max_aspect: float = 32
+
+    def check(self, width: int, height: int) -> None:
+        """Refuse too many pixels, a too long side or an extreme shape (a 200000×10 strip is a few
+        KB of PNG)."""
+        if width * height > self.max_pixels:
+            raise ImageTooLarge(
+                f"image of {width}×{height} = {width * height} pixels exceeds the limit of {self.max_pixels} pixels",
+                "max_pixels",
+            )
+        if max(width, height) > self.max_side:
+            raise ImageRefused(
+                f"image of {width}×{height}: a side exceeds the limit of {self.max_side} pixels", "max_side"
+            )
+        if max(width, height) > self.max_aspect * max(1, min(width, height)):
+            raise ImageRefused(
+                f"image of {width}×{height}: aspect ratio exceeds the limit of {self.max_aspect:g}:1", "max_aspect"
+            )
+
+
+def read_file(path: Path, limits: ImageLimits) -> Image.Image:
+    """A local image file as the service would take it: limits checked from the header, then the
+    first frame decoded and :func:`normalize`\\ d."""
+    with warnings.catch_warnings():
+        # Pillow warns above 89 Mpx; ImageLimits is the check that counts (and comes first).
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            with Image.open(path, formats=READ_FORMATS) as image:
+                limits.check(*image.size)
+                image.seek(0)
+                image.load()
+                return normalize(image)
+        except Image.DecompressionBombError as exc:
+            raise ImageTooLarge(str(exc), "max_pixels") from None
+        except InvalidRequest:
+            raise
+        except Exception as exc:  # Pillow signals unknown formats and corrupt data with many types
+            raise UnreadableImage(f"cannot read it as an image: {exc}") from None
+
+
+def normalize(image: Image.Image) -> Image.Image:
+    """A decoded image → upright, sRGB, mode RGB, RGBA, L or LA (alpha kept)."""
+    return to_srgb(ImageOps.exif_transpose(image))
+
+
+def to_srgb(image: Image.Image) -> Image.Image:
+    """Any supported pixel mode → RGB, RGBA, L or LA in sRGB (alpha kept)."""
+    if image.mode in _SIXTEEN_BIT:
+        # Pillow's convert("L") clips 16-bit values instead of scaling them.
+        pixels = np.asarray(image, dtype=np.float64) / 257.0
+        image = Image.fromarray(np.clip(pixels, 0, 255).round().astype(np.uint8), "L")
+    icc = image.info.get("icc_profile")
+    if icc and image.mode in ("RGB", "RGBA", "CMYK"):
+        image = _apply_icc(image, icc)
+    if image.mode in ("1", "L", "P", "RGB") and image.has_transparency_data:
+        image = image.convert("LA" if image.mode in ("1", "L") else "RGBA")
+    elif image.mode in ("1", "La"):
+        image = image.convert("L" if image.mode == "1" else "LA")
+    elif image.mode in ("P", *_AS_RGB):
+        image = image.convert("RGB")
+    elif image.mode in _AS_RGBA:
+        image = image.convert("RGBA")
+    if image.mode not in ("RGB", "RGBA", "L", "LA"):
+        raise UnsupportedImage(f"unsupported pixel mode {image.mode}: send RGB, greyscale, palette or CMYK")
+    return image
+
+
+def _apply_icc(image: Image.Image, icc: bytes) -> Image.Image:
+    """Convert from the embedded profile to sRGB; a broken profile is ignored, not fatal."""
+    try:
+        source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        mode = "RGBA" if image.mode == "RGBA" else "RGB"
+        converted = ImageCms.profileToProfile(image, source, _SRGB, outputMode=mode)
+    except (ImageCms.PyCMSError, OSError, ValueError) as exc:
+        log.warning("ignoring unusable ICC profile: %s", exc)
+        return image
+    assert converted is not None
+    return converted
+
+
+def encode(image: Image.Image, fmt: OutputFormat, quality: int | None = None) -> bytes:
+    """PNG (lossless, alpha), JPEG (alpha composited onto white) or WebP (alpha kept)."""
+    buffer = io.BytesIO()
+    if fmt == "png":
+        image.save(buffer, "PNG")
+    elif fmt == "jpeg":
+        if image.mode in ("RGBA", "LA"):
+            base = Image.new(image.mode[:-1], image.size, "white")
+            base.paste(image.convert(image.mode[:-1]), mask=image.getchannel("A"))
+            image = base
+        image.save(buffer, "JPEG", quality=quality or DEFAULT_QUALITY)
+    else:
+        image.save(buffer, "WEBP", quality=quality or DEFAULT_QUALITY)
+    return buffer.getvalue()
