@@ -16,6 +16,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from .body_timeout import BodyTimeoutMiddleware
+from .connections import RequestLimitMiddleware
 from .engine import InferenceEngine
 from .errors import install_error_handlers
 from .jobs import api as jobs_api
@@ -106,6 +107,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Without VPDSR_REDIS_URL there is no queue to report on (/v1/jobs says so).
     app.state.readiness = {"model": engine.readiness} | ({"job_queue": jobs.readiness} if jobs.enabled else {})
     install_error_handlers(app)
+    app.add_middleware(RequestLimitMiddleware, limit=settings.max_connections)  # its 503s are counted
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     app.add_middleware(BodyTimeoutMiddleware, idle_s=settings.body_idle_timeout_s, total_s=settings.body_timeout_s)
     app.add_middleware(HeadAsGetMiddleware, router=app.router)  # outermost: metrics see HEAD as the GET it runs

@@ -13,18 +13,20 @@ import uvicorn
 from fastapi import FastAPI
 
 from .app import BackgroundWork
+from .connections import http_protocol
 from .settings import Settings
 
 
 def uvicorn_config(app: FastAPI, settings: Settings, **overrides: Any) -> uvicorn.Config:
-    """``max_connections`` bounds what stalled clients can hold (with the body timeouts of
-    :mod:`service.body_timeout`); ``shutdown_timeout_s`` bounds how long they can delay an exit."""
+    """The header timeout and ``max_connections`` (:mod:`service.connections`) and the body
+    timeouts (:mod:`service.body_timeout`) bound what idle or stalled clients can hold;
+    ``shutdown_timeout_s`` bounds how long they can delay an exit."""
     options: dict[str, Any] = dict(
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
         lifespan="on",
-        limit_concurrency=settings.max_connections,
+        http=http_protocol(settings.header_timeout_s, settings.max_connections),
         timeout_keep_alive=settings.keep_alive_timeout_s,
         timeout_graceful_shutdown=settings.shutdown_timeout_s,
     )

@@ -41,8 +41,10 @@ class Settings(BaseSettings):
 
     # -- connections (uvicorn and service/body_timeout.py) ----------------------------------------
     max_connections: int = Field(
-        64, ge=1, description="open connections beyond which new requests get 503 (uvicorn's limit_concurrency)"
+        64, ge=1, description="open connections (beyond it the longest-idle one is closed for a newcomer) and "
+        "requests in progress (beyond it 503 busy; probes exempt)"
     )
+    header_timeout_s: float = Field(10, gt=0, description="a connection without a request's headers is closed after this")
     keep_alive_timeout_s: int = Field(5, ge=1, description="an idle keep-alive connection is closed after this")
     body_idle_timeout_s: float = Field(20, gt=0, description="longest wait for the next chunk of a body (408)")
     body_timeout_s: float = Field(120, gt=0, description="longest a whole body may take from the request's start (408)")

@@ -30,6 +30,7 @@ from tests.live import live_server, wait_ready
 pytestmark = pytest.mark.timeout(180)
 
 IDLE_S, TOTAL_S = 1.5, 4.0  # body timeouts of the module's server
+HEADER_S = 2.0  # its header timeout
 MAX_CONNECTIONS = 8
 DEAD_REDIS_PORT = free_port()  # nothing listens there: the job queue is "in an outage" throughout
 VPDSR = str(Path(sys.executable).with_name("vpdsr"))
@@ -40,6 +41,7 @@ def url(tiny_registry: Path) -> Iterator[str]:
     settings = Settings(
         registry=tiny_registry, model="tiny@production", device="cpu", port=free_port(), max_batch_size=1,
         body_idle_timeout_s=IDLE_S, body_timeout_s=TOTAL_S, max_connections=MAX_CONNECTIONS, keep_alive_timeout_s=1,
+        header_timeout_s=HEADER_S,
         redis_url=f"redis://127.0.0.1:{DEAD_REDIS_PORT}/0",
     )
     with live_server(settings, torch_threads=1) as base:
@@ -128,18 +130,49 @@ def test_slow_upload_within_the_limits_succeeds(url: str) -> None:
 
 
 # -- connections -----------------------------------------------------------------------------------
-def test_connections_over_the_limit_get_503(url: str) -> None:
-    idle = [connect(url) for _ in range(MAX_CONNECTIONS)]
+def wait_closed(sock: socket.socket, timeout: float) -> float:
+    """Seconds until the server closed ``sock`` (its answer, if any, read and dropped)."""
+    started = time.monotonic()
+    read_until_closed(sock, timeout)
+    return time.monotonic() - started
+
+
+def test_idle_connections_lock_no_one_out_and_are_closed(url: str) -> None:
+    """Red team (issue 30): 63 connections that never sent a byte held every client, health probes
+    included, at plain-text 503 for as long as they stayed open. Now more idle connections than
+    the limit leave room for probes and requests, and each is closed after the header timeout."""
+    idle = [connect(url) for _ in range(MAX_CONNECTIONS * 2)]
+    half_headers = connect(url)
+    half_headers.sendall(b"GET /healthz HTTP/1.1\r\nHost: te")  # a header that never ends
     try:
-        time.sleep(0.2)  # the server has accepted them
-        assert httpx.get(f"{url}/healthz", timeout=10).status_code == 503
+        with httpx.Client(base_url=url, timeout=10) as other:
+            for _ in range(3):
+                assert other.get("/healthz").status_code == 200
+                assert other.get("/readyz").status_code == 200
+                upscaled = other.post("/v1/upscale", content=random_png(8), headers={"content-type": "image/png"})
+                assert upscaled.status_code == 200, upscaled.text
+        assert wait_closed(half_headers, HEADER_S + 5) < HEADER_S + 5
+        for sock in idle:  # evicted for newcomers, or closed at the header timeout
+            wait_closed(sock, HEADER_S + 5)
     finally:
-        for sock in idle:
+        for sock in (*idle, half_headers):
             sock.close()
-    deadline = time.monotonic() + 10
-    while httpx.get(f"{url}/healthz", timeout=10).status_code != 200:
-        assert time.monotonic() < deadline, "the server did not recover after the connections closed"
-        time.sleep(0.1)
+
+
+def test_requests_over_the_limit_get_json_503_and_probes_still_answer(url: str) -> None:
+    stalled = [start_upload(url, 1_000_000, b"\x89PNG") for _ in range(MAX_CONNECTIONS)]
+    try:
+        with httpx.Client(base_url=url, timeout=10) as other:
+            deadline = time.monotonic() + 10  # until the server has read every stalled request's headers
+            while (busy := other.post("/v1/upscale", content=random_png(8),
+                                      headers={"content-type": "image/png"})).status_code != 503:
+                assert time.monotonic() < deadline, busy.text
+            assert busy.json()["error"]["code"] == "busy" and busy.headers["retry-after"] == "1"
+            assert other.get("/healthz").status_code == 200 and other.get("/readyz").status_code == 200
+            assert other.get("/metrics").status_code == 200
+    finally:
+        for sock in stalled:
+            sock.close()
 
 
 def test_idle_keep_alive_connection_is_closed(url: str) -> None:
