@@ -319,9 +319,9 @@ async def get_result(job_id: str, owner: Owner, jobs: JobsDep) -> Response:
 
 @router.delete(
     "/jobs/{job_id}",
-    summary="Cancel a queued job",
+    summary="Cancel a queued or running job (a running one stops computing)",
     response_model=JobStatus,
-    responses=_errors(401, 404, 409, 503, extra={409: "the job is already running or finished (`job_not_cancellable`)"}),
+    responses=_errors(401, 404, 409, 503, extra={409: "the job already succeeded or failed (`job_not_cancellable`)"}),
 )
 async def cancel_job(request: Request, job_id: str, owner: Owner, jobs: JobsDep) -> JobStatus:
     queue = job_queue(jobs)
@@ -330,7 +330,7 @@ async def cancel_job(request: Request, job_id: str, owner: Owner, jobs: JobsDep)
         if outcome == "missing":
             raise JobNotFound(f"no job {job_id!r}: unknown, or expired")
         if outcome == "conflict":
-            raise JobConflict("job_not_cancellable", f"job {job_id} is {state}: only a queued job can be cancelled")
+            raise JobConflict("job_not_cancellable", f"job {job_id} already {state}: nothing left to cancel")
         if outcome == "cancelled":
             jobs.metrics.jobs.labels("cancelled").inc()
         job = await existing_job(queue, job_id, owner)

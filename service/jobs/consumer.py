@@ -41,7 +41,7 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from .prometheus import JobMetrics, job_metrics
-from .queue import Delivery, JobQueue
+from .queue import Delivery, Hold, JobQueue
 
 log = logging.getLogger("vpdsr.jobs")
 
@@ -105,13 +105,21 @@ class Backoff:
         self.failures = 0
 
 
+TRANSIENT_MESSAGE = "the worker failed while running this job (a server fault, in its log; not the input's)"
+
+
+class JobCancelled(Exception):
+    """The client cancelled the job while it ran (``DELETE /v1/jobs/{id}``)."""
+
+
 class Heartbeat:
     """Keeps the stream entry of a running job fresh (idle time reset every visibility timeout
     / 3), so that XAUTOCLAIM takes over only the jobs of dead workers, and tells until when an
-    outcome may still be stored before another worker could have taken the job over."""
+    outcome may still be stored before another worker could have taken the job over. Sets
+    ``cancelled`` when the job's client cancelled it."""
 
-    def __init__(self, queue: JobQueue, delivery: Delivery, consumer: str) -> None:
-        self.queue, self.delivery, self.consumer = queue, delivery, consumer
+    def __init__(self, queue: JobQueue, delivery: Delivery, consumer: str, cancelled: asyncio.Event) -> None:
+        self.queue, self.delivery, self.consumer, self.cancelled = queue, delivery, consumer, cancelled
         self.fresh_until = time.monotonic() + queue.visibility_timeout_s  # delivered just now
         self._task: asyncio.Task[None] | None = None
 
@@ -130,11 +138,14 @@ class Heartbeat:
             await asyncio.sleep(visibility / 3)
             touched_at = time.monotonic()
             try:
-                kept = await self.queue.touch(self.delivery, self.consumer)
+                hold = await self.queue.touch(self.delivery, self.consumer)
             except REDIS_DOWN as exc:
                 log.warning("job %s: heartbeat failed (%s)", self.delivery.job_id, exc)
                 continue
-            if not kept:
+            if hold is Hold.CANCELLED:
+                self.cancelled.set()
+                return
+            if hold is Hold.LOST:
                 log.warning("job %s: no longer this consumer's running job (taken over, or its stream entry "
                             "trimmed); heartbeat stopped", self.delivery.job_id)
                 return
@@ -152,10 +163,13 @@ class ProgressWriter:
     batches a second; pollers need a few values a second), then stores whatever came meanwhile.
     Values superseded while a write or pause is under way are dropped. :meth:`flush` cuts the
     pause short and stores the last value: the consumer calls it before recording the outcome,
-    after which the record is final and refuses progress."""
+    after which the record is final and refuses progress. A write that finds the job cancelled
+    sets ``cancelled``."""
 
-    def __init__(self, queue: JobQueue, delivery: Delivery, consumer: str, interval_s: float = 0.25) -> None:
+    def __init__(self, queue: JobQueue, delivery: Delivery, consumer: str, cancelled: asyncio.Event,
+                 interval_s: float = 0.25) -> None:
         self.queue, self.delivery, self.consumer, self.interval_s = queue, delivery, consumer, interval_s
+        self.cancelled = cancelled
         self._latest: tuple[int, int] | None = None
         self._stored: tuple[int, int] | None = None
         self._hurry = asyncio.Event()
@@ -169,7 +183,8 @@ class ProgressWriter:
     async def _write(self) -> None:
         while (value := self._latest) is not None and value != self._stored:
             try:
-                await self.queue.progress(self.delivery, self.consumer, *value)
+                if await self.queue.progress(self.delivery, self.consumer, *value) is Hold.CANCELLED:
+                    self.cancelled.set()
             except REDIS_DOWN as exc:
                 log.debug("job %s: progress %d/%d not stored (%s)", self.delivery.job_id, *value, exc)
             self._stored = value
@@ -342,8 +357,9 @@ class JobConsumer:
             log.warning("job %s failed: %s", delivery.job_id, started.message)
             return
 
-        async with Heartbeat(self.queue, delivery, self.name) as beat, \
-                ProgressWriter(self.queue, delivery, self.name) as progress:
+        cancelled = asyncio.Event()
+        async with Heartbeat(self.queue, delivery, self.name, cancelled) as beat, \
+                ProgressWriter(self.queue, delivery, self.name, cancelled) as progress:
             job = JobInput(delivery.job_id, started.data, started.content_type, started.options, started.attempt,
                            progress)
             await self._run(delivery, job, beat, progress)
@@ -351,19 +367,24 @@ class JobConsumer:
     async def _run(self, delivery: Delivery, job: JobInput, beat: Heartbeat, progress: ProgressWriter) -> None:
         """One attempt: the processor, its last progress, then its outcome stored."""
         try:
-            output = await self.processor(job)
+            output = await _unless_cancelled(self.processor(job), beat.cancelled)
             await progress.flush()
         except asyncio.CancelledError:
             await self._release(delivery)
             raise
+        except JobCancelled:
+            log.info("job %s: cancelled by its client while running; its remaining work dropped", delivery.job_id)
+            await self._release(delivery)  # the job is final: this only acknowledges its entry
+            return
         except PermanentJobError as exc:
             await self._record(delivery, beat, self.queue.fail, delivery, self.name, exc.code, exc.message,
                                retryable=False)
             return
         except Exception as exc:
+            # The exception's text can name files, hosts or devices: the log has it, the job's
+            # client (who reads the error) gets what happened.
             log.exception("job %s: attempt %d failed", delivery.job_id, job.attempt)
-            message = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-            await self._record(delivery, beat, self.queue.fail, delivery, self.name, "job_error", message,
+            await self._record(delivery, beat, self.queue.fail, delivery, self.name, "job_error", TRANSIENT_MESSAGE,
                                retryable=True)
             return
         await self._record(delivery, beat, self.queue.complete, delivery, output.data, output.content_type,
@@ -407,9 +428,26 @@ class JobConsumer:
         log.error("job %s dead-lettered: %s", job_id, message)
 
     async def _release(self, delivery: Delivery) -> None:
-        """Hand a job back on shutdown; if Redis is away, it stays pending for XAUTOCLAIM."""
+        """Hand a job back (shutdown), or let go of a cancelled one; if Redis is away, it stays
+        pending for XAUTOCLAIM."""
         try:
             outcome = await asyncio.shield(self.queue.release(delivery, self.name))
-            log.info("job %s: released on shutdown (%s)", delivery.job_id, outcome)
+            log.info("job %s: released (%s)", delivery.job_id, outcome)
         except (asyncio.CancelledError, *REDIS_DOWN):
             log.warning("job %s: left pending on shutdown", delivery.job_id)
+
+
+async def _unless_cancelled(work: Awaitable[JobOutput], cancelled: asyncio.Event) -> JobOutput:
+    """The processor's output, or :class:`JobCancelled` as soon as ``cancelled`` is set: the
+    processor is cancelled, so the engine drops the job's tiles that have not run yet."""
+    processing = asyncio.ensure_future(work)
+    watching = asyncio.ensure_future(cancelled.wait())
+    try:
+        await asyncio.wait({processing, watching}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (processing, watching):
+            task.cancel()
+        await asyncio.gather(processing, watching, return_exceptions=True)
+    if processing.cancelled():
+        raise JobCancelled()
+    return processing.result()

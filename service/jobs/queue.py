@@ -26,6 +26,7 @@ import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from redis.asyncio import Redis
@@ -110,6 +111,17 @@ class JobRecord:
     def from_pairs(cls, pairs: Sequence[Any]) -> "JobRecord":
         """From a script's HGETALL reply: a flat field, value, ... list."""
         return cls.from_hash(dict(zip(pairs[::2], pairs[1::2])))
+
+
+class Hold(StrEnum):
+    """Whether a consumer still holds the job it runs, as its heartbeat and progress writes learn."""
+
+    KEPT = "kept"
+    LOST = "lost"  # taken over by another consumer, final, expired, or its entry trimmed
+    CANCELLED = "cancelled"  # cancelled by its client: stop computing it
+
+
+_HOLDS = {1: Hold.KEPT, 0: Hold.LOST, -1: Hold.CANCELLED}
 
 
 @dataclass(frozen=True)
@@ -398,19 +410,21 @@ class JobQueue:
         )
         return _s(reply[0]) or ""
 
-    async def touch(self, delivery: Delivery, consumer: str) -> bool:
-        """Reset the idle time of the entry of a job ``consumer`` is running (the heartbeat); False
-        when it is not this consumer's running job any more, or its entry was trimmed."""
+    async def touch(self, delivery: Delivery, consumer: str) -> Hold:
+        """Reset the idle time of the entry of a job ``consumer`` is running (the heartbeat); LOST
+        when it is not this consumer's running job any more, or its entry was trimmed; CANCELLED
+        when its client cancelled it."""
         reply = await self._touch(keys=[job_key(delivery.job_id), STREAM],
                                   args=[delivery.stream_id, GROUP, consumer])
-        return int(reply) == 1
+        return _HOLDS[int(reply)]
 
-    async def progress(self, delivery: Delivery, consumer: str, done: int, total: int) -> bool:
-        """Record that ``done`` of ``total`` tiles of the job ``consumer`` runs are computed; False
-        (nothing written) when it is not this consumer's running job any more."""
+    async def progress(self, delivery: Delivery, consumer: str, done: int, total: int) -> Hold:
+        """Record that ``done`` of ``total`` tiles of the job ``consumer`` runs are computed (KEPT);
+        nothing is written when it is not this consumer's running job any more (LOST) or was
+        cancelled (CANCELLED)."""
         reply = await self._progress(keys=[job_key(delivery.job_id)],
                                      args=[delivery.stream_id, consumer, done, total])
-        return int(reply) == 1
+        return _HOLDS[int(reply)]
 
     async def dead_letters(self, count: int = 100) -> list[dict[str, str]]:
         entries = await self.redis.xrange(DEAD_STREAM, count=count)

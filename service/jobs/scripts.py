@@ -8,7 +8,7 @@ State machine::
       |                  |----fail (retryable, attempts left)--> queued (new stream entry)
       |                  |----fail (retryable, no attempts left)--> failed + dead letter
       |                  '----release (graceful shutdown)-----> queued (new entry, attempt refunded)
-      '--cancel--> cancelled
+      '--cancel--> cancelled <--cancel-- running (its consumer notices and drops its tiles)
     queued|running --start with attempts >= max_attempts (reclaimed)--> failed + dead letter
 
 The state strings are those of :class:`service.jobs.keys.JobState`.
@@ -107,7 +107,7 @@ return {1, redis.call('HGETALL', KEYS[1])}
 #  | {'skip', state | 'missing' | 'superseded'} | {'dead_lettered', code, message} | {'failed', code, message}
 START = PRELUDE + """
 local sid = ARGV[1]
-local f, skip = live_job(KEYS[1], KEYS[3], KEYS[4], ARGV[2], sid, 'stream_id')
+local f, skip = live_job(KEYS[1], KEYS[3], KEYS[4], ARGV[2], sid, 'stream_id', 'consumer')
 if not f then return {'skip', skip} end
 local state = f[1]
 if f[2] ~= sid then
@@ -116,6 +116,13 @@ if f[2] ~= sid then
   return {'skip', 'superseded'}
 end
 local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')
+local input = redis.call('GET', KEYS[2])
+if state == 'running' and f[3] == ARGV[3] and input then
+  -- This consumer started this delivery already (a retried call whose reply was lost): the same
+  -- attempt, not another one.
+  local g = redis.call('HMGET', KEYS[1], 'options', 'input_content_type', 'created_at')
+  return {'run', attempts, input, g[1], g[2], g[3]}
+end
 if attempts >= tonumber(ARGV[4]) then
   local code = redis.call('HGET', KEYS[1], 'error_code')
   local message = redis.call('HGET', KEYS[1], 'error_message')
@@ -129,7 +136,6 @@ if attempts >= tonumber(ARGV[4]) then
   ack(KEYS[3], KEYS[4], ARGV[2], sid)
   return {'dead_lettered', code, message}
 end
-local input = redis.call('GET', KEYS[2])
 if not input then
   local message = 'the job input expired before the job could run'
   redis.call('HSET', KEYS[1], 'state', 'failed', 'finished_at', now(), 'error_code', 'input_expired',
@@ -225,7 +231,8 @@ return out
 """
 
 # Put a job this consumer holds back in the queue at once (graceful shutdown, or a pending entry
-# whose stream data was trimmed away), refunding the attempt when asked.
+# whose stream data was trimmed away), refunding the attempt when asked. A refunded running job
+# says so in its error (code 'interrupted'): its attempt count alone would hide that it ran.
 # KEYS: job, stream, inflight
 # ARGV: stream_id, group, consumer ('' = any), refund ('1'/'0'), maxlen, job_id
 # -> {'requeued', new_sid} | {'skip', reason}
@@ -239,13 +246,19 @@ if f[4] ~= sid or (ARGV[3] ~= '' and state == 'running' and f[2] ~= ARGV[3]) the
   return {'skip', 'not_owner'}
 end
 local attempts = tonumber(f[3] or '0')
-if ARGV[4] == '1' and state == 'running' and attempts > 0 then attempts = attempts - 1 end
+if ARGV[4] == '1' and state == 'running' and attempts > 0 then
+  attempts = attempts - 1
+  redis.call('HSET', KEYS[1], 'error_code', 'interrupted', 'error_message',
+             'the worker running it shut down; queued again to start over (that attempt is not counted)')
+end
 local new_sid = enqueue(KEYS[2], KEYS[3], ARGV[5], ARGV[6])
 redis.call('HSET', KEYS[1], 'state', 'queued', 'stream_id', new_sid, 'attempts', attempts)
 ack(KEYS[2], KEYS[3], ARGV[2], sid)
 return {'requeued', new_sid}
 """
 
+# A queued or running job becomes cancelled. A running job's consumer learns it from its next
+# touch or progress write (they answer -1) and drops the job's remaining tiles.
 # KEYS: job, input; ARGV: owner
 # -> {'cancelled'} | {'already'} | {'conflict', state} | {'missing'} (also: another owner's job)
 CANCEL = PRELUDE + """
@@ -253,17 +266,21 @@ local f = redis.call('HMGET', KEYS[1], 'state', 'owner')
 local state = f[1]
 if not state or (f[2] or '') ~= ARGV[1] then return {'missing'} end
 if state == 'cancelled' then return {'already'} end
-if state ~= 'queued' then return {'conflict', state} end
+if state ~= 'queued' and state ~= 'running' then return {'conflict', state} end
 redis.call('HSET', KEYS[1], 'state', 'cancelled', 'finished_at', now())
+redis.call('HDEL', KEYS[1], 'progress_done', 'progress_total')
 redis.call('DEL', KEYS[2])
--- The stream entry stays: the consumer that reads it sees 'cancelled', skips it and acks it.
+-- The stream entry stays: the consumer that reads it sees 'cancelled', skips it and acks it; the
+-- one running it acks it when it lets go (requeue finds the job final).
 return {'cancelled'}
 """
 
 # Keep the entry of a job this consumer runs from looking abandoned: reset its idle time
 # (XCLAIM to itself, JUSTID: the delivery count stays), so XAUTOCLAIM leaves it alone.
-# KEYS: job, stream; ARGV: stream_id, group, consumer -> 1 kept fresh | 0 not this consumer's to keep
+# KEYS: job, stream; ARGV: stream_id, group, consumer
+# -> 1 kept fresh | 0 not this consumer's to keep | -1 cancelled: stop running it
 TOUCH = PRELUDE + """
+if redis.call('HGET', KEYS[1], 'state') == 'cancelled' then return -1 end
 if not running_here(KEYS[1], ARGV[1], ARGV[3]) then return 0 end
 -- XCLAIM drops a trimmed entry from the PEL, and with it the job's recovery if this worker dies.
 if #redis.call('XRANGE', KEYS[2], ARGV[1], ARGV[1]) == 0 then return 0 end
@@ -274,8 +291,10 @@ return 1
 # Record the tiles done of a job this consumer runs. Guarded like touch: a late write from a
 # consumer that lost the job would show another attempt's progress, and one after the record
 # expired would recreate it as a bare hash without a TTL.
-# KEYS: job; ARGV: stream_id, consumer, done, total -> 1 stored | 0 not this consumer's running job
+# KEYS: job; ARGV: stream_id, consumer, done, total
+# -> 1 stored | 0 not this consumer's running job | -1 cancelled: stop running it
 PROGRESS = PRELUDE + """
+if redis.call('HGET', KEYS[1], 'state') == 'cancelled' then return -1 end
 if not running_here(KEYS[1], ARGV[1], ARGV[2]) then return 0 end
 redis.call('HSET', KEYS[1], 'progress_done', ARGV[3], 'progress_total', ARGV[4])
 return 1
