@@ -1,25 +1,34 @@
 """``vpdsr upscale`` over many files: which files, where their results go, and the loop that
-runs them with a progress bar, skips finished work and survives bad files.
+runs them with progress bars, skips finished work and survives bad files.
 
 The loop does not know how an image is upscaled: an :class:`Upscaler` does that, in this process
 (``model.cli``) or on a server (``model.remote``), so both get the same input expansion, output
-names, skipping and error reporting.
+names, skipping, file safety and error reporting.
+
+Results are written as a user's files should be in a folder others may write to: into a new
+temporary file that no one else can have created (``mkstemp``: ``O_CREAT | O_EXCL``, a random
+name, so a planted name or symbolic link is never written through), moved into place only when
+complete, and without ``--overwrite`` never over a file that exists at that moment, whenever it
+appeared (a hard link fails where a rename would replace).
 """
 
 from __future__ import annotations
 
+import errno
 import glob
+import os
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import BinaryIO, Protocol
 
 from tqdm import tqdm
 
 from .errors import VPDSRError
+from .images import OutputFormat
 
-OutputFormat = Literal["png", "jpeg", "webp"]
 Progress = Callable[[int, int], None]  # (tiles done, tiles in total)
 
 # What a folder or a glob contributes: the formats the model and the service read.
@@ -40,8 +49,8 @@ class Upscaled:
 
 
 class Upscaler(Protocol):
-    def __call__(self, source: Path, target: Path, fmt: OutputFormat, progress: Progress) -> Upscaled:
-        """Upscale ``source`` and write it to ``target`` as ``fmt``."""
+    def __call__(self, source: Path, out: BinaryIO, fmt: OutputFormat, progress: Progress) -> Upscaled:
+        """Upscale ``source`` and write it to the open file ``out`` as ``fmt``."""
 
 
 @dataclass(frozen=True)
@@ -104,61 +113,104 @@ def _check_targets(tasks: Sequence[Task]) -> None:
             raise VPDSRError(f"{first} and {task.source} would both be written to {task.target}")
 
 
-def run(tasks: Sequence[Task], make_upscaler: Callable[[], Upscaler], *, overwrite: bool = False) -> int:
-    """Upscale every task whose output does not exist yet (all with ``overwrite``); returns how
-    many failed. ``make_upscaler`` is called only when there is work: a re-run over a finished
-    batch should not spend seconds loading a model."""
+@dataclass(frozen=True)
+class Outcome:
+    written: int
+    skipped: int
+    failed: int
+
+
+def run(tasks: Sequence[Task], make_upscaler: Callable[[], Upscaler], *, overwrite: bool = False) -> Outcome:
+    """Upscale every task whose output does not exist yet (all with ``overwrite``). ``make_upscaler``
+    is called only when there is work: a re-run over a finished batch should not spend seconds
+    loading a model."""
     todo: list[Task] = []
     for task in tasks:
-        if overwrite or not task.target.exists():
+        if overwrite or not os.path.lexists(task.target):
             todo.append(task)
         else:
             tqdm.write(f"{task.target} exists, skipped (--overwrite replaces it)")
-    failed = _upscale_all(todo, make_upscaler()) if todo else 0
+    outcome = _upscale_all(todo, make_upscaler(), overwrite) if todo else Outcome(0, 0, 0)
+    outcome = Outcome(outcome.written, outcome.skipped + len(tasks) - len(todo), outcome.failed)
     if len(tasks) > 1:
-        summary = f"{len(todo) - failed} written, {len(tasks) - len(todo)} skipped, {failed} failed"
-        tqdm.write(summary, file=sys.stderr if failed else sys.stdout)
-    return failed
+        summary = f"{outcome.written} written, {outcome.skipped} skipped, {outcome.failed} failed"
+        tqdm.write(summary, file=sys.stderr if outcome.failed else sys.stdout)
+    return outcome
 
 
-def _upscale_all(todo: Sequence[Task], upscale: Upscaler) -> int:
-    """One image: a bar over its tiles. Several: a bar over the images. Returns the failures."""
-    failed = 0
-    with tqdm(todo, unit="image", disable=len(todo) == 1, dynamic_ncols=True) as images:
-        for task in images:
+def _upscale_all(todo: Sequence[Task], upscale: Upscaler, overwrite: bool) -> Outcome:
+    """A bar over the tiles of the image in hand and, for several, one over the images."""
+    written = skipped = failed = 0
+    many = len(todo) > 1
+    with tqdm(todo, unit="image", disable=not many, dynamic_ncols=True) as bar:
+        for task in bar:
             try:
-                if len(todo) == 1:
-                    with TileBar(task.source.name) as bar:
-                        done = write(task, upscale, bar.update)
-                else:
-                    done = write(task, upscale, lambda _done, _total: None)
+                with TileBar(task.source.name, nested=many) as tiles:
+                    done = write(task, upscale, tiles.update, overwrite=overwrite)
             except (InputFailed, OSError) as exc:
                 failed += 1
                 tqdm.write(f"vpdsr: error: {task.source}: {exc}", file=sys.stderr)
+                continue
+            if done is None:
+                skipped += 1
+                tqdm.write(f"{task.target} appeared meanwhile, kept (--overwrite replaces it)")
             else:
+                written += 1
                 tqdm.write(f"{task.source} -> {task.target} {done.size[0]}x{done.size[1]} ({done.detail})")
-    return failed
+    return Outcome(written, skipped, failed)
 
 
-def write(task: Task, upscale: Upscaler, progress: Progress) -> Upscaled:
-    """Upscale into a hidden file beside the target, renamed when complete: an interrupted run
-    leaves no half-written result that the next run would take as done and skip."""
+def write(task: Task, upscale: Upscaler, progress: Progress, *, overwrite: bool) -> Upscaled | None:
+    """Upscale into a new hidden file beside the target and put it in place when complete: an
+    interrupted run leaves no half-written result that the next run would take as done. None when,
+    without ``overwrite``, the target was created by someone else meanwhile (it is kept)."""
     task.target.parent.mkdir(parents=True, exist_ok=True)
-    partial = task.target.with_name(f".{task.target.name}.partial")
+    fd, name = tempfile.mkstemp(prefix=f".{task.target.name}.", suffix=".partial", dir=task.target.parent)
+    partial = Path(name)
     try:
-        done = upscale(task.source, partial, task.format, progress)
-        partial.replace(task.target)
+        with os.fdopen(fd, "wb") as out:
+            os.fchmod(out.fileno(), _new_file_mode())
+            done = upscale(task.source, out, task.format, progress)
+        return done if publish(partial, task.target, overwrite=overwrite) else None
     finally:
         partial.unlink(missing_ok=True)
-    return done
+
+
+def publish(partial: Path, target: Path, *, overwrite: bool) -> bool:
+    """Give the complete ``partial`` the name ``target``; False if, without ``overwrite``, that
+    name exists now. A hard link never replaces an existing name (file, folder or symbolic link,
+    dangling or not) and the check is the link itself, so nothing created since the run was
+    planned is lost; a rename replaces the name itself, never what a symbolic link points to."""
+    if overwrite:
+        os.replace(partial, target)
+        return True
+    try:
+        os.link(partial, target)
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        if exc.errno in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS):
+            raise OSError(exc.errno, f"this file system has no hard links, which {target} needs so that it "
+                          "replaces no file made meanwhile; --overwrite writes it by renaming") from None
+        raise
+    return True
+
+
+def _new_file_mode() -> int:
+    """The mode ``open()`` gives a new file (0o666 less the umask); ``mkstemp``'s own is 0o600."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 class TileBar:
-    """A tqdm bar over one image's tiles. Until the first report the total is unknown and the bar
-    only counts time (a server's synchronous answer, or a job that reports no progress)."""
+    """A tqdm bar over one image's tiles; ``nested`` below a bar over the images, and removed when
+    the image is done. Until the first report the total is unknown and the bar only counts time (a
+    server's synchronous answer, or a job that reports no progress)."""
 
-    def __init__(self, name: str) -> None:
-        self.bar = tqdm(desc=name, unit="tile", total=None, dynamic_ncols=True)
+    def __init__(self, name: str, *, nested: bool = False) -> None:
+        self.bar = tqdm(desc=name, unit="tile", total=None, dynamic_ncols=True, position=int(nested),
+                        leave=not nested)
 
     def update(self, done: int, total: int) -> None:
         self.bar.total = total

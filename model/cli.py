@@ -3,7 +3,12 @@
 This module owns the entry point; every package adds its sub-commands through the
 ``vpdsr.commands`` entry-point group (a ``register(subparsers)`` function), so ``model`` needs no
 import of ``service`` or ``training``. User mistakes (bad paths, unknown models, checkpoints that
-do not fit) end with a one-line message and exit status 2, never a traceback.
+do not fit) end with a one-line message and exit status 2, never a traceback; Ctrl-C ends with
+one line and exit status 130.
+
+Building the parser imports every package's ``cli`` module, so none of them imports PyTorch (or
+anything else slow) at module level: ``vpdsr --help`` answers at once, and a command pays only
+for what it runs.
 """
 
 from __future__ import annotations
@@ -15,19 +20,23 @@ import os
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
-
-from . import batch
-from .autoencoder import DECODER_SIDE
+from . import batch, images
 from .config import ModelConfig
-from .device import DTYPES, resolve_device, resolve_dtype
-from .errors import CheckpointError, VPDSRError
+from .errors import CheckpointError, InvalidRequest, ModelNotFound, VPDSRError
 from .registry import Registry, RegistryEntry
 from .seeds import SEED_LIMIT, resolve_seed
 
+if TYPE_CHECKING:
+    from typing import BinaryIO
+
+    import torch
+
 DEFAULT_MODEL = "vpdsr-small@production"
+INTERRUPTED = 128 + 2  # the shell's status for a command ended by SIGINT
+# The --options of the limits a local upscale applies (ImageLimits fields), for error messages.
+LIMIT_OPTIONS = {"max_pixels": "--max-pixels", "max_side": "--max-side"}
 
 
 def common_options() -> argparse.ArgumentParser:
@@ -50,7 +59,7 @@ def upscale(args: argparse.Namespace) -> int:
     """Exit status 0 when every input was written or skipped, 2 when any failed (each is reported,
     and the others still run), as for every other error of the command line."""
     tasks = batch.plan(args.inputs, args.output, args.format)
-    return 2 if batch.run(tasks, lambda: make_upscaler(args), overwrite=args.overwrite) else 0
+    return 2 if batch.run(tasks, lambda: make_upscaler(args), overwrite=args.overwrite).failed else 0
 
 
 def make_upscaler(args: argparse.Namespace) -> batch.Upscaler:
@@ -65,33 +74,38 @@ def make_upscaler(args: argparse.Namespace) -> batch.Upscaler:
 class LocalUpscaler:
     """The model in this process. Loading it checks ``--steps``, ``--tile`` and ``--seed`` too (by
     the rules the service applies), so that a bad option stops the command before the first image
-    instead of failing every one."""
+    instead of failing every one. Images are read and written by :mod:`model.images`, the
+    service's policy, within the service's size limits (unless ``--max-pixels`` / ``--max-side``
+    raise them): a small file can claim 13000² pixels, and gigabytes of memory."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        from .pipeline import SRPipeline  # heavy: only for the commands that run the model
+        from .device import resolve_device, resolve_dtype  # heavy: only for the commands that run the model
+        from .pipeline import SRPipeline
 
         self.device = resolve_device(args.device)
         self.pipe = SRPipeline.from_registry(
-            args.model or DEFAULT_MODEL, Registry(args.registry), device=self.device, dtype=resolve_dtype(args.dtype)
+            args.model or DEFAULT_MODEL, Registry(args.registry, shipped=True),
+            device=self.device, dtype=resolve_dtype(args.dtype),
         )
         self.steps = self.pipe.check_steps(args.steps)
         self.tile = self.pipe.check_tile(args.tile)
         if args.seed is not None:
             resolve_seed(args.seed)  # out of range: stop before the first image
         self.seed = args.seed
+        given = {"max_pixels": args.max_pixels, "max_side": args.max_side}
+        self.limits = images.ImageLimits(**{name: value for name, value in given.items() if value is not None})
 
-    def __call__(self, source: Path, target: Path, fmt: batch.OutputFormat, progress: batch.Progress) -> batch.Upscaled:
+    def __call__(self, source: Path, out: BinaryIO, fmt: images.OutputFormat, progress: batch.Progress) -> batch.Upscaled:
         try:
-            with Image.open(source) as img:
-                image = ImageOps.exif_transpose(img)
-                image.load()
-        except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
-            raise batch.InputFailed(f"cannot read it as an image: {exc}") from None
+            image = images.read_file(source, self.limits)
+        except images.ImageRefused as exc:
+            option = LIMIT_OPTIONS.get(exc.setting)
+            raise batch.InputFailed(f"{exc}{f' ({option} raises it)' if option else ''}") from None
+        except InvalidRequest as exc:  # not an image, corrupt, an unsupported pixel mode
+            raise batch.InputFailed(str(exc)) from None
         seed = resolve_seed(self.seed)  # without --seed: a random one per image, printed with the result
         result = self.pipe(image, steps=self.steps, seed=seed, tile=self.tile, progress=progress)
-        if fmt == "jpeg" and result.mode in ("RGBA", "LA"):  # JPEG has no alpha
-            result = result.convert(result.mode[:-1])
-        result.save(target, format=fmt.upper())
+        out.write(images.encode(result, fmt))
         pipe = self.pipe
         detail = f"{pipe.name}:{pipe.version}, {self.steps} step(s), seed {seed}, {self.device}"
         return batch.Upscaled(result.size, detail)
@@ -112,12 +126,13 @@ def import_resshift(args: argparse.Namespace) -> int:
 
 
 def registry_list(args: argparse.Namespace) -> int:
-    rows = Registry(args.registry).list()
+    registry = Registry(args.registry, shipped=True)
+    rows = registry.list()
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
     if not rows:
-        print(f"registry {Registry(args.registry).root} is empty")
+        print(f"no models in {' or '.join(str(root) for root in registry.roots)}")
     for row in rows:
         aliases = ",".join(row["aliases"]) or "-"
         print(f"{row['name']}:{row['version']}\t{row['kind']}\tsteps={row['inference_steps']}\taliases={aliases}")
@@ -130,6 +145,10 @@ def swap_decoder(
     """``autoencoder`` with the decoder side (``post_quant_conv``, ``decoder``) of ``source``, e.g. a
     ``decoder_only`` fine-tune. Refused unless the architecture, encoder and codebook are identical:
     only then does every latent the UNet was trained on stay the same."""
+    import torch
+
+    from .autoencoder import DECODER_SIDE
+
     _, other = source.state_dicts()
     same = source.config().autoencoder == config.autoencoder and other.keys() == autoencoder.keys() and all(
         torch.equal(other[k], v) for k, v in autoencoder.items() if not k.startswith(DECODER_SIDE)
@@ -142,6 +161,8 @@ def swap_decoder(
 
 def registry_copy(args: argparse.Namespace) -> int:
     """Promote a model from one registry (e.g. a training run's) to another, optionally in half precision."""
+    from .device import DTYPES
+
     entry = Registry(args.source).resolve(args.ref)
     unet, autoencoder = entry.state_dicts()
     config = entry.config()
@@ -173,7 +194,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("output", type=Path, help="output file (for one input file, e.g. out.png) or output folder")
     p.add_argument("--model", default=None,
                    help=f"registry reference: name, name:version or name@alias (default: {DEFAULT_MODEL}; "
-                   "with --server: the served model)")
+                   "with --server: the served model), looked for in --registry, then in the registry "
+                   "shipped with vpd-sr")
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's own)")
     p.add_argument("--seed", type=int, default=None,
                    help=f"noise seed, 0 to {SEED_LIMIT - 1}: the same seed and options give the same result "
@@ -183,6 +205,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", choices=("png", "jpeg", "webp"), default=None,
                    help="format of the results in an output folder (default: jpeg for JPEG inputs, else png)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: skip them)")
+    limits = images.ImageLimits()
+    p.add_argument("--max-pixels", type=int, default=None, metavar="N",
+                   help=f"skip inputs of more pixels (default: {limits.max_pixels}, the service's limit)")
+    p.add_argument("--max-side", type=int, default=None, metavar="N",
+                   help=f"skip inputs with a longer side (default: {limits.max_side}, the service's limit)")
     p.add_argument("--server", metavar="URL", default=None,
                    help="send the images to a running `vpdsr serve` (e.g. http://127.0.0.1:8000) instead of "
                    "loading the model here")
@@ -201,7 +228,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("registry", help="inspect the model registry")
     reg = p.add_subparsers(dest="registry_command", required=True)
-    p = reg.add_parser("list", parents=[common], help="list models, versions and aliases")
+    p = reg.add_parser("list", parents=[common], help="list models, versions and aliases (of --registry, then of the registry shipped with vpd-sr)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=registry_list)
     p = reg.add_parser("copy", parents=[common], help="copy a model from another registry into --registry")
@@ -226,12 +253,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         return int(args.handler(args) or 0)
+    except ModelNotFound as exc:
+        searched = ", ".join(str(root) for root in exc.searched)
+        print(f"vpdsr: error: {exc}{f' (looked in {searched})' if searched else ''}", file=sys.stderr)
+        return 2
     except VPDSRError as exc:
         print(f"vpdsr: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: no traceback; finished results are kept, partial ones removed
+        print("vpdsr: interrupted (finished results are kept: run the same command again for the rest)",
+              file=sys.stderr)
+        return INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 from PIL import Image, ImageCms, ImageOps
 
 from .errors import InvalidRequest
@@ -115,7 +114,10 @@ def normalize(image: Image.Image) -> Image.Image:
 def to_srgb(image: Image.Image) -> Image.Image:
     """Any supported pixel mode → RGB, RGBA, L or LA in sRGB (alpha kept)."""
     if image.mode in _SIXTEEN_BIT:
-        # Pillow's convert("L") clips 16-bit values instead of scaling them.
+        # Pillow's convert("L") clips 16-bit values instead of scaling them. (numpy only here: the
+        # command line imports this module for its limits, and `vpdsr --help` should not wait for it.)
+        import numpy as np
+
         pixels = np.asarray(image, dtype=np.float64) / 257.0
         image = Image.fromarray(np.clip(pixels, 0, 255).round().astype(np.uint8), "L")
     icc = image.info.get("icc_profile")

@@ -12,6 +12,10 @@
 References: ``name`` (alias ``production`` if set, else the highest version), ``name:version``
 or ``name@alias``. Names, versions and aliases are restricted to a safe character set so no
 reference can reach outside the registry folder.
+
+The command line also reads the registry shipped with the package (the repository's
+``registry/``, beside the installed packages of a clone or an editable install) after the
+user's own, so that the shipped model is found from any folder; writes go to the user's only.
 """
 
 from __future__ import annotations
@@ -21,13 +25,13 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors.torch import load_file, save_file
+from typing import TYPE_CHECKING, Any
 
 from .config import ModelConfig
 from .errors import CheckpointError, InvalidModelRef, ModelNotFound
+
+if TYPE_CHECKING:  # torch is imported where weights are read or written: `vpdsr --help` must not wait for it
+    import torch
 
 DEFAULT_ALIAS = "production"
 WEIGHTS_FILE = "model.safetensors"
@@ -42,6 +46,15 @@ _REF = re.compile(r"^(?P<name>[^:@]+)(?::(?P<version>[^:@]+)|@(?P<alias>[^:@]+))
 def default_registry_root() -> Path:
     """``$VPDSR_REGISTRY`` if set, else ``./registry``."""
     return Path(os.environ.get("VPDSR_REGISTRY", "registry"))
+
+
+def shipped_registry_root() -> Path | None:
+    """The ``registry/`` folder of the source tree these packages run from (a clone, installed
+    editable as the README says), or None when they were installed elsewhere (a wheel: the
+    container image bakes its registry in at ``$VPDSR_REGISTRY`` instead)."""
+    tree = Path(__file__).resolve().parent.parent
+    shipped = tree / "registry"
+    return shipped if (tree / "pyproject.toml").is_file() and shipped.is_dir() else None
 
 
 def _check_part(kind: str, value: str) -> str:
@@ -93,6 +106,8 @@ class RegistryEntry:
 
     def state_dicts(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """(unet, autoencoder) state dicts, split from the single weights file."""
+        from safetensors.torch import load_file
+
         weights = load_file(self.path / WEIGHTS_FILE)
         parts: dict[str, dict[str, torch.Tensor]] = {"unet": {}, "autoencoder": {}}
         for key, tensor in weights.items():
@@ -103,51 +118,73 @@ class RegistryEntry:
         return parts["unet"], parts["autoencoder"]
 
 
+def _versions_in(folder: Path) -> list[str]:
+    """The versions in one model's folder, in order (none when it does not exist)."""
+    if not folder.is_dir():
+        return []
+    found = [p.name for p in folder.iterdir() if (p / CONFIG_FILE).is_file() and _PART.match(p.name)]
+    return sorted(found, key=_version_key)
+
+
+def _aliases_in(folder: Path) -> dict[str, str]:
+    path = folder / ALIASES_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
 class Registry:
-    def __init__(self, root: str | Path | None = None) -> None:
+    """Models in ``root`` (default: :func:`default_registry_root`). With ``shipped``, reads fall back
+    to :func:`shipped_registry_root`: a model is taken whole from the first folder that has it."""
+
+    def __init__(self, root: str | Path | None = None, *, shipped: bool = False) -> None:
         self.root = Path(root) if root is not None else default_registry_root()
+        fallback = shipped_registry_root() if shipped else None
+        same = fallback is None or (self.root.is_dir() and self.root.resolve() == fallback)
+        self.roots: tuple[Path, ...] = (self.root,) if same else (self.root, fallback)
+
+    def _folder(self, name: str) -> Path:
+        """The folder of model ``name``: in the first root that has a version of it."""
+        _check_part("name", name)
+        return next((root / name for root in self.roots if _versions_in(root / name)), self.root / name)
 
     def aliases(self, name: str) -> dict[str, str]:
-        path = self.root / _check_part("name", name) / ALIASES_FILE
-        return json.loads(path.read_text()) if path.exists() else {}
+        return _aliases_in(self._folder(name))
 
     def versions(self, name: str) -> list[str]:
-        folder = self.root / _check_part("name", name)
-        if not folder.is_dir():
-            return []
-        found = [p.name for p in folder.iterdir() if (p / CONFIG_FILE).is_file() and _PART.match(p.name)]
-        return sorted(found, key=_version_key)
+        return _versions_in(self._folder(name))
 
     def names(self) -> list[str]:
-        if not self.root.is_dir():
-            return []
-        return sorted(p.name for p in self.root.iterdir() if _PART.match(p.name) and self.versions(p.name))
+        found = {p.name for root in self.roots if root.is_dir() for p in root.iterdir() if _PART.match(p.name)}
+        return sorted(name for name in found if self.versions(name))
 
     def resolve(self, ref: str | ModelRef) -> RegistryEntry:
         """Turn a reference into an existing version folder, or raise ModelNotFound."""
         parsed = ModelRef.parse(ref) if isinstance(ref, str) else ref
-        versions = self.versions(parsed.name)
+        folder = self._folder(parsed.name)
+        versions = _versions_in(folder)
         if not versions:
             known = ", ".join(self.names()) or "none"
-            raise ModelNotFound(f"unknown model {parsed.name!r} (known: {known})")  # no path: servers show this
+            raise ModelNotFound(f"unknown model {parsed.name!r} (known: {known})", self.roots)
         aliases = self.aliases(parsed.name)
         if parsed.alias is not None:
             if parsed.alias not in aliases:
-                raise ModelNotFound(f"model {parsed.name!r} has no alias {parsed.alias!r} (aliases: {sorted(aliases)})")
+                raise ModelNotFound(f"model {parsed.name!r} has no alias {parsed.alias!r} (aliases: {sorted(aliases)})",
+                                    (folder.parent,))
             version = aliases[parsed.alias]
         else:
             version = parsed.version or aliases.get(DEFAULT_ALIAS) or versions[-1]
         if version not in versions:
-            raise ModelNotFound(f"model {parsed.name!r} has no version {version!r} (versions: {versions})")
-        return RegistryEntry(parsed.name, version, self.root / parsed.name / version)
+            raise ModelNotFound(f"model {parsed.name!r} has no version {version!r} (versions: {versions})",
+                                (folder.parent,))
+        return RegistryEntry(parsed.name, version, folder / version)
 
     def list(self) -> list[dict[str, Any]]:
         """Everything in the registry, for `vpdsr registry list` and `GET /v1/models`."""
         out = []
         for name in self.names():
             aliases = self.aliases(name)
+            folder = self._folder(name)
             for version in self.versions(name):
-                entry = RegistryEntry(name, version, self.root / name / version)
+                entry = RegistryEntry(name, version, folder / version)
                 cfg = entry.config()
                 out.append(
                     {
@@ -174,7 +211,9 @@ class Registry:
         metrics: dict[str, Any] | None = None,
         aliases: tuple[str, ...] = (),
     ) -> RegistryEntry:
-        """Write a new version (floating-point weights optionally cast to ``dtype`` for size)."""
+        """Write a new version into ``root`` (floating-point weights optionally cast to ``dtype`` for size)."""
+        from safetensors.torch import save_file
+
         folder = self.root / _check_part("name", name) / _check_part("version", version)
         folder.mkdir(parents=True, exist_ok=True)
         weights = {}
@@ -196,12 +235,15 @@ class Registry:
         (entry.path / METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
 
     def set_alias(self, name: str, alias: str, version: str) -> None:
+        """Point ``alias`` of a model in ``root`` at ``version``."""
         _check_part("alias", alias)
-        if version not in self.versions(name):
-            raise ModelNotFound(f"model {name!r} has no version {version!r}")
-        aliases = self.aliases(name) | {alias: version}
-        (self.root / name / ALIASES_FILE).write_text(json.dumps(aliases, indent=2, sort_keys=True) + "\n")
+        folder = self.root / _check_part("name", name)
+        if version not in _versions_in(folder):
+            raise ModelNotFound(f"model {name!r} has no version {version!r}", (self.root,))
+        aliases = _aliases_in(folder) | {alias: version}
+        (folder / ALIASES_FILE).write_text(json.dumps(aliases, indent=2, sort_keys=True) + "\n")
 
     def next_version(self, name: str) -> str:
-        numeric = [int(v) for v in self.versions(name) if v.isdigit()]
+        """The next free number in ``root``."""
+        numeric = [int(v) for v in _versions_in(self.root / _check_part("name", name)) if v.isdigit()]
         return str(max(numeric, default=0) + 1)

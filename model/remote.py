@@ -18,13 +18,14 @@ import uuid
 from dataclasses import dataclass
 from email.message import Message
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 from urllib.parse import urlencode
 
 from PIL import Image
 
-from .batch import InputFailed, OutputFormat, Progress, Upscaled
+from .batch import InputFailed, Progress, Upscaled
 from .errors import VPDSRError
+from .images import OutputFormat
 
 TIMEOUT_S = 600  # one synchronous request: upload, queue and compute (the server's own limit is 60 s)
 RETRIES = 5  # resends of an answer with Retry-After (busy server, Redis briefly away)
@@ -66,7 +67,7 @@ class RemoteUpscaler:
         self.auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.options = {name: value for name, value in options.items() if value is not None}
 
-    def __call__(self, source: Path, target: Path, fmt: OutputFormat, progress: Progress) -> Upscaled:
+    def __call__(self, source: Path, out: BinaryIO, fmt: OutputFormat, progress: Progress) -> Upscaled:
         data = source.read_bytes()
         query = urlencode(self.options | {"format": fmt})
         try:
@@ -75,7 +76,7 @@ class RemoteUpscaler:
             if exc.code != "too_large_for_sync":
                 raise
             answer = self._via_job(f"/v1/jobs?{query}", data, progress, exc)
-        target.write_bytes(answer.body)
+        out.write(answer.body)
         with Image.open(io.BytesIO(answer.body)) as result:
             size = result.size
         model = f"{answer.headers.get('X-Model')}:{answer.headers.get('X-Model-Version')}"

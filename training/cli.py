@@ -11,19 +11,19 @@ import argparse
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-
-import numpy as np
-import torch
-from PIL import Image
-from torch import Tensor
+from typing import TYPE_CHECKING
 
 from model.errors import VPDSRError
 
-from .data import HRCropDataset, list_images
-from .degradations import DegradationConfig, Degrader
+if TYPE_CHECKING:  # the handlers import torch and the data code: `vpdsr --help` loads this module
+    from torch import Tensor
 
 
 def _save_png(image: Tensor, path: Path) -> None:
+    import numpy as np
+    import torch
+    from PIL import Image
+
     pixels = torch.round(image.clamp(0, 1) * 255).to(torch.uint8).permute(1, 2, 0).numpy()
     Image.fromarray(np.ascontiguousarray(pixels)).save(path)
 
@@ -34,6 +34,11 @@ def write_pairs(in_dir: Path, out_dir: Path, seed: int, count: int | None, crop:
     Images are taken in listing order, cycling if ``count`` exceeds them (new crops and degradations
     each time). Returns the number written; raises ``OSError``/``ValueError`` for bad paths or images.
     """
+    import torch
+
+    from .data import HRCropDataset, list_images
+    from .degradations import Degrader
+
     dataset = HRCropDataset(list_images([in_dir]), crop_size=crop)
     degrader = Degrader()
     generator = torch.Generator().manual_seed(seed)
@@ -61,6 +66,8 @@ def _user_errors() -> Iterator[None]:
 
 def degrade(args: argparse.Namespace) -> int:
     """The ``vpdsr degrade`` handler."""
+    from .degradations import DegradationConfig
+
     scale = DegradationConfig().scale
     if args.crop % scale or args.crop < 8 * scale:
         raise VPDSRError(f"--crop must be a multiple of {scale} and at least {8 * scale}, got {args.crop}")
