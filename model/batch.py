@@ -165,15 +165,14 @@ def write(task: Task, upscale: Upscaler, progress: Progress, *, overwrite: bool)
     interrupted run leaves no half-written result that the next run would take as done. None when,
     without ``overwrite``, the target was created by someone else meanwhile (it is kept)."""
     task.target.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{task.target.name}.", suffix=".partial", dir=task.target.parent)
-    partial = Path(name)
+    fd, partial = tempfile.mkstemp(prefix=f".{task.target.name}.", suffix=".partial", dir=task.target.parent)
     try:
         with os.fdopen(fd, "wb") as out:
             os.fchmod(out.fileno(), _new_file_mode())
             done = upscale(task.source, out, task.format, progress)
-        return done if publish(partial, task.target, overwrite=overwrite) else None
-    finally:
-        partial.unlink(missing_ok=True)
+        return done if publish(Path(partial), task.target, overwrite=overwrite) else None
+    finally:  # also on Ctrl-C: no partial file stays behind
+        Path(partial).unlink(missing_ok=True)
 
 
 def publish(partial: Path, target: Path, *, overwrite: bool) -> bool:

@@ -81,6 +81,6 @@ def test_console_script_runs(tiny_registry: Path, tmp_path: Path) -> None:
     out = tmp_path / "o.png"
     proc = subprocess.run([str(exe), "upscale", str(FIXTURES / "realset" / "bears.jpg"), str(out),
                            "--model", "tiny@production", "--registry", str(tiny_registry)],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True)  # pytest-timeout bounds a hang; load only slows it
     assert proc.returncode == 0, proc.stderr
     assert Image.open(out).size == (197 * 4, 136 * 4)

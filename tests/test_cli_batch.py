@@ -87,6 +87,19 @@ def test_one_image_shows_progress_over_its_tiles(
     assert "108005.jpg: 100%" in err and "tile" in err, err
 
 
+def test_a_batch_shows_the_tiles_of_each_image_under_the_images(
+    photos: Path, tmp_path: Path, tiny_registry: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A batch of large photos showed `0/5` for 30 minutes: the image in hand has its own tile bar."""
+    inputs = [str(photos / "108005.jpg"), str(photos / "3096.png")]
+    assert main(["upscale", *inputs, str(tmp_path / "out"), *local(tiny_registry), "--tile", "16"]) == 0
+    err = capsys.readouterr().err
+    for name in ("108005.jpg", "3096.png"):
+        tiles = [(int(done), int(total)) for done, total in re.findall(rf"{name}: +\d+%\|[^|]*\| (\d+)/(\d+) ", err)]
+        assert tiles and tiles[-1][0] == tiles[-1][1] > 1, err
+    assert "2/2 [" in err, err  # the bar over the images
+
+
 @pytest.mark.parametrize(
     ("layout", "message"),
     [
