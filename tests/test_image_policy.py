@@ -23,7 +23,10 @@ OPTIONS = ["--seed", "7", "--tile", "16"]  # the same noise and tiling on both s
 
 @pytest.fixture(scope="module")
 def url(tiny_registry: Path) -> Iterator[str]:
-    settings = Settings(registry=tiny_registry, model="tiny@production", device="cpu", port=free_port())
+    # Batches of 4 tiles, as the local pipeline runs them (SRPipeline.max_tile_batch): the same
+    # batch compositions give bit-identical results (docs/service.md, "Reproducibility").
+    settings = Settings(registry=tiny_registry, model="tiny@production", device="cpu", port=free_port(),
+                        max_batch_size=4)
     with live_server(settings, torch_threads=1) as base:
         yield base
 
