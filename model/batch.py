@@ -14,6 +14,7 @@ appeared (a hard link fails where a rename would replace).
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import glob
 import os
@@ -115,6 +116,8 @@ def _check_targets(tasks: Sequence[Task]) -> None:
 
 @dataclass(frozen=True)
 class Outcome:
+    """How a run ended: results written, skipped (they existed) and failed."""
+
     written: int
     skipped: int
     failed: int
@@ -130,8 +133,8 @@ def run(tasks: Sequence[Task], make_upscaler: Callable[[], Upscaler], *, overwri
             todo.append(task)
         else:
             tqdm.write(f"{task.target} exists, skipped (--overwrite replaces it)")
-    outcome = _upscale_all(todo, make_upscaler(), overwrite) if todo else Outcome(0, 0, 0)
-    outcome = Outcome(outcome.written, outcome.skipped + len(tasks) - len(todo), outcome.failed)
+    done = _upscale_all(todo, make_upscaler(), overwrite) if todo else Outcome(0, 0, 0)
+    outcome = dataclasses.replace(done, skipped=done.skipped + len(tasks) - len(todo))
     if len(tasks) > 1:
         summary = f"{outcome.written} written, {outcome.skipped} skipped, {outcome.failed} failed"
         tqdm.write(summary, file=sys.stderr if outcome.failed else sys.stdout)

@@ -88,7 +88,7 @@ class ImageLimits:
 
 def read_file(path: Path, limits: ImageLimits) -> Image.Image:
     """A local image file as the service would take it: limits checked from the header, then the
-    first frame decoded and :func:`normalize`\\ d."""
+    first frame decoded and passed through :func:`normalize`."""
     with warnings.catch_warnings():
         # Pillow warns above 89 Mpx; ImageLimits is the check that counts (and comes first).
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)

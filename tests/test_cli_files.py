@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import os
 import stat
-import struct
-import zlib
 from pathlib import Path
 from typing import BinaryIO
 
@@ -18,6 +16,7 @@ from PIL import Image
 from model import batch
 from model.cli import main
 from tests.conftest import FIXTURES
+from tests.test_service_inputs import png_header
 
 
 def local(registry: Path) -> list[str]:
@@ -100,15 +99,6 @@ def test_an_output_created_during_the_run_is_kept_without_overwrite(
         assert outcome == batch.Outcome(written=0, skipped=1, failed=0)
         assert target.read_text() == "made by someone else meanwhile"
     assert [p.name for p in target.parent.iterdir()] == ["a.png"], "no temporary file left"
-
-
-def png_header(width: int, height: int) -> bytes:
-    """A PNG that claims ``width``×``height`` (its pixels never come: only the header is read)."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
 
 
 def test_the_services_size_limits_hold_locally_and_an_option_raises_them(

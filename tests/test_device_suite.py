@@ -17,6 +17,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
+# The suite bounds itself: every part has a budget within this total, and is stopped 15 s past
+# it (killed 15 s later); merging the parts then takes seconds. The test waits for it to finish,
+# however slowly a loaded machine runs it, and its timeout only guards that bound.
+SUITE_S = 480
 
 
 @pytest.fixture(scope="module")
@@ -29,14 +33,15 @@ def suite() -> ModuleType:
         sys.path.remove(str(BENCHMARKS))
 
 
+@pytest.mark.timeout(SUITE_S + 120)
 def test_tiny_suite_writes_the_schema(tmp_path: Path, suite: ModuleType) -> None:
     out = tmp_path / "out"
     env = {k: v for k, v in os.environ.items() if not k.startswith("VPDSR_")} | {
         "VPDSR_SUITE_TINY": "1", "VPDSR_SUITE_WORK": str(tmp_path / "work"), "OUT": str(out),
-        "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
+        "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "VPDSR_SUITE_SECONDS": str(SUITE_S),
     }
     script = BENCHMARKS / "device_suite.sh"
-    result = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     doc = json.loads((out / "gpu.json").read_text())
     assert suite.schema_problems(doc) == []
