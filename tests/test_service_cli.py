@@ -109,19 +109,19 @@ def test_vpdsr_serve_flags_override_environment(tiny_registry: Path) -> None:
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
-        wait_ready(url, lambda: process.poll() is None, timeout=120)
+        wait_ready(url, lambda: process.poll() is None, timeout=None)  # fails at once if it exits
         loaded = httpx.get(f"{url}/v1/models").json()["loaded"]
         assert (loaded["name"], loaded["version"], loaded["batch_sizes"]) == ("tiny", "1", [1])
     finally:
         process.send_signal(signal.SIGINT)
-        output, _ = process.communicate(timeout=30)
+        output, _ = process.communicate()
     assert process.returncode == 0, output
 
 
 def test_vpdsr_serve_unknown_model_fails_fast(tiny_registry: Path) -> None:
     run = subprocess.run(
         [VPDSR, "serve", "--registry", str(tiny_registry), "--model", "nope@production", "--port", str(free_port())],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True, text=True,
     )
     assert run.returncode == 2
     assert "unknown model 'nope'" in run.stderr and "Traceback" not in run.stderr
