@@ -12,6 +12,9 @@ Policy:
 - Among ready keys, the one holding the most urgent tile wins: interactive before background,
   then oldest first. Within a batch, interactive tiles go first and background tiles fill the
   rest — a free ride that costs interactive requests nothing.
+- Interactive tiles run in arrival order (each request was admitted on the wait ahead of it);
+  background tiles are taken round-robin, one per job in turn, so a job of thousands of tiles
+  never makes the others wait for its whole image.
 - Batches only come in the sizes in ``batch_sizes`` (the shapes the model was warmed with): with
   fewer tiles than the largest size, the largest size that fits is taken and the rest wait for
   the next round, where newcomers may join them. No padding, so no compute is wasted.
@@ -63,13 +66,66 @@ def warm_batch_sizes(max_batch_size: int) -> list[int]:
     return sorted(sizes | {max_batch_size})
 
 
+class TileQueue(Generic[R]):
+    """Waiting tiles (request, tile index) of one priority and key, taken in arrival order."""
+
+    def __init__(self) -> None:
+        self._tiles: deque[tuple[R, int]] = deque()
+
+    def __len__(self) -> int:
+        return len(self._tiles)
+
+    def add(self, request: R, tiles: range) -> None:
+        self._tiles.extend((request, i) for i in tiles)
+
+    def take(self) -> tuple[R, int]:
+        return self._tiles.popleft()
+
+    def oldest(self) -> R:
+        """The longest-waiting request (the queue is not empty)."""
+        return self._tiles[0][0]
+
+    def discard(self, request: R) -> int:
+        kept = [entry for entry in self._tiles if entry[0] is not request]
+        dropped = len(self._tiles) - len(kept)
+        self._tiles = deque(kept)
+        return dropped
+
+
+class RoundRobin(TileQueue[R]):
+    """Waiting tiles taken one request at a time, in turn."""
+
+    def __init__(self) -> None:
+        self._by_request: dict[R, deque[tuple[R, int]]] = {}  # insertion order: whose turn is next
+
+    def __len__(self) -> int:
+        return sum(len(tiles) for tiles in self._by_request.values())
+
+    def add(self, request: R, tiles: range) -> None:
+        self._by_request.setdefault(request, deque()).extend((request, i) for i in tiles)
+
+    def take(self) -> tuple[R, int]:
+        request, tiles = next(iter(self._by_request.items()))
+        del self._by_request[request]
+        entry = tiles.popleft()
+        if tiles:
+            self._by_request[request] = tiles  # to the back of the line
+        return entry
+
+    def oldest(self) -> R:
+        return min(self._by_request, key=lambda request: request.enqueued_at)
+
+    def discard(self, request: R) -> int:
+        return len(self._by_request.pop(request, ()))
+
+
 class Batcher(Generic[R]):
     def __init__(self, batch_sizes: Sequence[int], max_delay: float) -> None:
         self.batch_sizes = sorted(set(batch_sizes))
         self.max_batch = self.batch_sizes[-1]
         self.max_delay = max_delay
-        # One FIFO per priority and key: (request, tile index).
-        self._queues: dict[BatchKey, tuple[deque[tuple[R, int]], ...]] = {}
+        # One queue per key and priority (interactive in arrival order, background round-robin).
+        self._queues: dict[BatchKey, tuple[TileQueue[R], ...]] = {}
         self.waiting = [0 for _ in Priority]  # tiles waiting, per priority
 
     @property
@@ -79,19 +135,14 @@ class Batcher(Generic[R]):
 
     def add(self, request: R, tiles: range) -> None:
         """Queue the tiles of ``request`` with these indices (a large job enters in chunks)."""
-        queues = self._queues.setdefault(request.key, tuple(deque() for _ in Priority))
-        queues[request.priority].extend((request, i) for i in tiles)
+        queues = self._queues.setdefault(request.key, (TileQueue(), RoundRobin()))  # by Priority
+        queues[request.priority].add(request, tiles)
         self.waiting[request.priority] += len(tiles)
 
     def discard(self, request: R) -> int:
         """Drop the request's tiles that are still waiting (cancelled, timed out); how many."""
         queues = self._queues.get(request.key, ())
-        dropped = 0
-        for queue in queues:
-            kept = [entry for entry in queue if entry[0] is not request]
-            dropped += len(queue) - len(kept)
-            queue.clear()
-            queue.extend(kept)
+        dropped = sum(queue.discard(request) for queue in queues)
         self.waiting[request.priority] -= dropped
         self._prune(request.key)
         return dropped
@@ -100,7 +151,7 @@ class Batcher(Generic[R]):
         """The next batch to run, or None if no key is ready yet."""
         best: tuple[Priority, float, BatchKey] | None = None
         for key, queues in self._queues.items():
-            heads = [queue[0][0] for queue in queues if queue]
+            heads = [queue.oldest() for queue in queues if queue]
             count = sum(len(queue) for queue in queues)
             if count >= self.max_batch or now - min(r.enqueued_at for r in heads) >= self.max_delay:
                 urgent = min(heads, key=lambda r: (r.priority, r.enqueued_at))
@@ -116,16 +167,16 @@ class Batcher(Generic[R]):
         entries: list[tuple[R, int]] = []
         for priority, queue in zip(Priority, queues):  # in priority order
             while queue and len(entries) < size:
-                entries.append(queue.popleft())
+                entries.append(queue.take())
                 self.waiting[priority] -= 1
         self._prune(key)
         return Batch(key, entries)
 
     def wait_time(self, now: float) -> float | None:
         """Seconds until some key becomes ready by age (None when nothing waits)."""
-        oldest = [queue[0][0].enqueued_at for queues in self._queues.values() for queue in queues if queue]
+        oldest = [queue.oldest().enqueued_at for queues in self._queues.values() for queue in queues if queue]
         return max(0.0, min(oldest) + self.max_delay - now) if oldest else None
 
     def _prune(self, key: BatchKey) -> None:
-        if key in self._queues and not any(self._queues[key]):
+        if key in self._queues and not any(len(queue) for queue in self._queues[key]):
             del self._queues[key]

@@ -51,10 +51,12 @@ from torch import Tensor
 
 from model import Registry, SRPipeline
 from model.device import resolve_channels_last, resolve_device, resolve_dtype
+from model.errors import ModelNotFound
 from model.pipeline import Tile, TilePlan
 from model.seeds import resolve_seed
 
 from .batcher import Batch, Batcher, BatchKey, Priority, warm_batch_sizes
+from .costs import TileCosts
 from .errors import (
     ComputeFailed,
     ComputeOutOfMemory,
@@ -65,15 +67,15 @@ from .errors import (
     QueueTimeout,
     ServiceError,
     TileQueueFull,
+    TooLargeForJob,
     TooLargeForSync,
+    UnknownModel,
 )
 from .prometheus import Metrics
 from .schemas import CheckResult
 from .settings import Settings
 
 log = logging.getLogger("vpdsr.service")
-
-_EWMA = 0.2  # weight of the newest batch in the seconds-per-tile estimate
 
 
 Progress = Callable[[int, int], None]
@@ -174,7 +176,7 @@ class InferenceEngine:
         self._room = asyncio.Condition()  # notified whenever tiles leave the batcher
         self._works: set[_Work] = set()
         self._scheduler: asyncio.Task[None] | None = None
-        self._tile_seconds: dict[BatchKey, float] = {}  # timed at warm-up, then an EWMA of every batch
+        self._costs = TileCosts()  # seconds per tile: timed at warm-up, then every batch; decays unmeasured
         self._planning = (0, 0.0)  # (tiles, seconds) of admitted interactive requests being planned
         metrics.queue_depth.set_function(lambda: self._batcher.depth)
 
@@ -188,12 +190,13 @@ class InferenceEngine:
             warm = await loop.run_in_executor(self._executor, pipe.warmup, self.batch_sizes)
             warm_seconds = time.perf_counter() - started
         except Exception as exc:
-            self.state, self.error = EngineState.FAILED, f"{type(exc).__name__}: {exc}"
+            # What /v1/models shows: the exception names files; the log has it.
+            self.state, self.error = EngineState.FAILED, "the model could not be loaded (the server's log says why)"
             await self._notify_room()  # background_ready() waiters get their NotReady
             raise
         if self.state is EngineState.STOPPED:
             return
-        self._tile_seconds = {(tile, pipe.config.inference_steps): seconds for tile, seconds in warm.items()}
+        self._costs.warmed(warm, pipe.config.inference_steps)
         self.pipeline = pipe
         self.metrics.set_model(pipe.name, pipe.version, pipe.device, pipe.dtype)
         self._scheduler = asyncio.create_task(self._schedule(), name="vpdsr-batcher")
@@ -224,8 +227,8 @@ class InferenceEngine:
     # -- requests --------------------------------------------------------------------------------
     def ready_pipeline(self) -> SRPipeline:
         if self.state is not EngineState.READY or self.pipeline is None:
-            detail = f": {self.error}" if self.error else ""
-            raise NotReady(f"model {self.settings.model} is {self.state.value}{detail}")
+            # The state only: a load error names files (the log has it).
+            raise NotReady(f"model {self.settings.model} is {self.state.value}; retry later")
         return self.pipeline
 
     def resolve_options(self, options: UpscaleOptions) -> Resolved:
@@ -234,7 +237,11 @@ class InferenceEngine:
         by the model's own rules (the ones ``vpdsr upscale`` applies). :meth:`upscale` calls it."""
         pipe = self.ready_pipeline()
         if options.model is not None:
-            entry = Registry(self.settings.registry).resolve(options.model)
+            try:
+                entry = Registry(self.settings.registry).resolve(options.model)
+            except ModelNotFound:  # its message may list the registry's models or folders
+                raise UnknownModel(f"unknown model {options.model!r}: GET /v1/models says which model this "
+                                   "server serves") from None
             if (entry.name, entry.version) != (pipe.name, pipe.version):
                 raise ModelNotLoaded(
                     f"{options.model!r} is {entry.ref}, but this server serves {pipe.name}:{pipe.version}; "
@@ -256,6 +263,11 @@ class InferenceEngine:
     def estimate(self, width: int, height: int, options: UpscaleOptions = UpscaleOptions()) -> tuple[int, float]:
         """(tiles, model seconds) of upscaling a ``width``×``height`` image alone: sizes only, no pixels."""
         return self._estimate(self.resolve_options(options), width, height)
+
+    def check_job(self, width: int, height: int, options: UpscaleOptions = UpscaleOptions()) -> None:
+        """What :meth:`upscale` checks of background work before it plans any pixel: the options and
+        the cost (413 over ``job_max_tiles``). The job API calls it at submission."""
+        self._admit(Priority.BACKGROUND, *self.estimate(width, height, options))
 
     def _estimate(self, resolved: Resolved, width: int, height: int) -> tuple[int, float]:
         grid = resolved.pipe.layout(width, height, resolved.tile)
@@ -288,10 +300,11 @@ class InferenceEngine:
         """
         resolved = self.resolve_options(options)
         pipe, steps = resolved.pipe, resolved.steps
-        cost = self._estimate(resolved, image.width, image.height) if priority is Priority.INTERACTIVE else (0, 0.0)
-        self._admit(*cost)
+        tiles, seconds = self._estimate(resolved, image.width, image.height)
+        self._admit(priority, tiles, seconds)
         # Admitted interactive work holds its place while it is planned, so a burst of requests
         # cannot all pass admission before any of them reaches the batcher.
+        cost = (tiles, seconds) if priority is Priority.INTERACTIVE else (0, 0.0)
         self._planning = (self._planning[0] + cost[0], self._planning[1] + cost[1])
         try:
             plan = await asyncio.to_thread(pipe.plan, image, resolved.seed, resolved.tile)
@@ -302,8 +315,6 @@ class InferenceEngine:
         work = _Work((plan.tile_size, steps), priority, time.monotonic(), plan.tiles, loop.create_future(),
                      progress=progress)
         self._works.add(work)
-        if progress is not None:
-            progress(0, len(work.tiles))  # planned: the total is known before any tile runs
         feeder = asyncio.create_task(self._feed(work), name="vpdsr-feed") if priority is Priority.BACKGROUND else None
         if feeder is None:
             self._batcher.add(work, range(len(work.tiles)))
@@ -331,20 +342,35 @@ class InferenceEngine:
         self.metrics.compute.observe(compute_seconds)
         return UpscaleResult(result, plan.seed, steps, queue_seconds, compute_seconds, pipe.name, pipe.version)
 
-    def _admit(self, tiles: int, seconds: float) -> None:
+    def _admit(self, priority: Priority, tiles: int, seconds: float) -> None:
         """Refuse an interactive request that cannot finish in time (413) or not behind the queue (429).
-        Background work (cost 0) is always admitted: it waits for room in :meth:`_feed`."""
-        if tiles == 0:
+        Background work is never refused for load (it waits for room in :meth:`_feed`), only for a
+        cost over ``job_max_tiles`` (413), which would hold a worker for hours."""
+        if priority is Priority.BACKGROUND:
+            if tiles > self.settings.job_max_tiles:
+                raise TooLargeForJob(
+                    f"this image is {tiles} tiles, an estimated {seconds:.0f} s of compute on this server, more "
+                    f"than the {self.settings.job_max_tiles} tiles a job may have (VPDSR_JOB_MAX_TILES). To get it "
+                    "done: send a smaller image, or run `vpdsr upscale` on your own machine"
+                )
             return
         limit = self.settings.request_timeout_s
         if tiles > self.settings.max_queue or seconds > limit:
-            where = "submit it to POST /v1/jobs" if self.settings.jobs_enabled else "send a smaller image"
             too_much = (
-                f"{tiles} tiles, more than the {self.settings.max_queue} a synchronous request may queue"
+                f"more than the {self.settings.max_queue} tiles a synchronous request may queue (VPDSR_MAX_QUEUE)"
                 if tiles > self.settings.max_queue
-                else f"about {seconds:.0f} s of compute, more than the {limit:.0f} s a synchronous request may take"
+                else f"more than the {limit:g} s a synchronous request may take (VPDSR_REQUEST_TIMEOUT_S)"
             )
-            raise TooLargeForSync(f"this image needs {too_much} on this server; {where}")
+            how = (
+                "send the same request to POST /v1/jobs: a job has no time limit, poll it for the result"
+                if self.settings.jobs_enabled
+                else "run `vpdsr upscale` on your own machine, send a smaller image, or ask the operator for the "
+                "job queue (VPDSR_REDIS_URL) or a higher limit"
+            )
+            raise TooLargeForSync(
+                f"this image is {tiles} tiles, an estimated {seconds:.1f} s of compute on this server (measured "
+                f"{seconds / tiles:.3g} s per tile), {too_much}. To get it done: {how}"
+            )
         waiting = self._batcher.waiting[Priority.INTERACTIVE] + self._planning[0]
         ahead = self._queued_seconds(Priority.INTERACTIVE) + self._planning[1]
         if waiting + tiles > self.settings.max_queue or ahead + seconds > limit:
@@ -354,35 +380,43 @@ class InferenceEngine:
             )
 
     async def _feed(self, work: _Work) -> None:
-        """Put background work's tiles into the batcher chunk by chunk, as the background share of
-        the queue frees up (interactive work, admitted by cost, goes in whole)."""
+        """Put background work's tiles into the batcher chunk by chunk, as its part of the
+        background share of the queue frees up (interactive work, admitted by cost, goes in whole)."""
         total, added = len(work.tiles), 0
         while added < total:
             async with self._room:
-                await self._room.wait_for(lambda: self._background_room() > 0)
-                chunk = min(total - added, self._background_room())
+                await self._room.wait_for(lambda: self._job_room(work) > 0)
+                chunk = min(total - added, self._job_room(work))
                 self._batcher.add(work, range(added, added + chunk))
                 work.waiting += chunk
             added += chunk
             self._wake.set()
 
+    def _background_share(self) -> int:
+        """Tiles background work may have waiting: half of ``max_queue``, at least one."""
+        return max(1, self.settings.max_queue // 2)
+
     def _background_room(self) -> int:
-        """Tiles the background share of the queue (half of ``max_queue``, at least one) can take now."""
-        share = max(1, self.settings.max_queue // 2)
-        return share - self._batcher.waiting[Priority.BACKGROUND]
+        """Tiles the background share of the queue can take now."""
+        return self._background_share() - self._batcher.waiting[Priority.BACKGROUND]
+
+    def _job_room(self, work: _Work) -> int:
+        """Tiles one background job may add now: each of the n jobs running holds at most
+        1/(n+1) of the share, so a giant job never fills it, there is always room for one more
+        job (:meth:`background_ready`), and the batcher takes the jobs' tiles in turn."""
+        jobs = sum(other.priority is Priority.BACKGROUND for other in self._works)
+        fair = max(1, self._background_share() // (jobs + 1))
+        return min(self._background_room(), fair - work.waiting)
 
     async def _notify_room(self) -> None:
         async with self._room:
             self._room.notify_all()
 
     def _seconds_per_tile(self, key: BatchKey) -> float:
-        """Measured for this (tile, steps) key, else scaled from the warm-up of the model's default steps."""
-        if key in self._tile_seconds:
-            return self._tile_seconds[key]
-        tile, steps = key
-        default_steps = self.pipeline.config.inference_steps if self.pipeline else steps
-        warm = self._tile_seconds.get((tile, default_steps), max(self._tile_seconds.values(), default=1.0))
-        return warm * steps / default_steps
+        return self._costs.seconds(key, self._default_steps(key))
+
+    def _default_steps(self, key: BatchKey) -> int:
+        return self.pipeline.config.inference_steps if self.pipeline else key[1]
 
     def _queued_seconds(self, priority: Priority) -> float:
         """Estimated model seconds of the tiles of ``priority`` waiting in the batcher."""
@@ -437,8 +471,7 @@ class InferenceEngine:
 
         outputs, seconds = await asyncio.get_running_loop().run_in_executor(self._executor, run)
         key = entries[0][0].key
-        estimate = self._seconds_per_tile(key)
-        self._tile_seconds[key] = estimate + _EWMA * (seconds / len(entries) - estimate)
+        self._costs.measured(key, seconds / len(entries), self._default_steps(key))
         self.metrics.batch_size.observe(len(entries))
         self.metrics.tiles.inc(len(entries))
         return outputs
@@ -479,7 +512,7 @@ class InferenceEngine:
             if isinstance(exc, torch.cuda.OutOfMemoryError):
                 exc = ComputeOutOfMemory("out of memory on the model device; retry later", self.retry_after())
             else:
-                exc = ComputeFailed(f"the model failed on this image: {type(exc).__name__}")
+                exc = ComputeFailed("the model failed on this image (a server fault, in its log)")
         work.future.set_exception(exc)
 
 

@@ -71,6 +71,12 @@ class ModelNotLoaded(ServiceError):
     status, code = 409, "model_not_loaded"
 
 
+class UnknownModel(ServiceError):
+    """A reference that names no model of the registry (the message lists none of them)."""
+
+    status, code = 404, "model_not_found"
+
+
 class PayloadTooLarge(ServiceError):
     status, code = 413, "payload_too_large"
 
@@ -112,6 +118,12 @@ class TooLargeForSync(ServiceError):
     idle server: retrying cannot help, an async job can."""
 
     status, code = 413, "too_large_for_sync"
+
+
+class TooLargeForJob(ServiceError):
+    """An image whose tiles exceed ``job_max_tiles``: one such job would hold a worker for hours."""
+
+    status, code = 413, "too_large_for_job"
 
 
 class QueueTimeout(Overloaded):
@@ -193,6 +205,9 @@ def install_error_handlers(app: FastAPI) -> None:
         status, code = next(
             (sc for kind, sc in _MODEL_ERRORS.items() if isinstance(exc, kind)), (500, "model_error")
         )
+        if status == 500:  # e.g. a checkpoint error names files: the log has it
+            log.error("model error: %s", exc)
+            return error_response(status, code, "the model could not be used (a server fault, in its log)")
         return error_response(status, code, str(exc))
 
     async def validation_error(_: Request, exc: Exception) -> JSONResponse:

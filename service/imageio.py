@@ -17,6 +17,7 @@ reported.
 from __future__ import annotations
 
 import io
+import logging
 import warnings
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -38,6 +39,8 @@ from .errors import (
     UnsupportedMediaType,
 )
 from .settings import Settings
+
+log = logging.getLogger("vpdsr.service")
 
 encode_image = images.encode  # results are encoded by the shared policy (service.upscale calls it so)
 MEDIA_TYPES: dict[str, str] = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
@@ -171,12 +174,14 @@ def decode_image(data: bytes, limits: ImageLimits) -> DecodedImage:
             image.seek(0)
             image.load()
             upright = images.normalize(image)
-        except Image.DecompressionBombError as exc:
-            raise PayloadTooLarge(str(exc)) from None
+        except Image.DecompressionBombError:
+            raise PayloadTooLarge(f"image too large to decode: over {limits.max_pixels} pixels") from None
         except images.UnsupportedImage as exc:
             raise UnsupportedMediaType(str(exc)) from None
         except ServiceError:
             raise
         except Exception as exc:  # Pillow signals corrupt data with many exception types
-            raise BadRequest(f"corrupt or truncated {kind} image: {exc}") from None
+            # Pillow's text can hold object reprs and internals: the log has it, the client a sentence.
+            log.info("corrupt %s upload: %s", kind, exc)
+            raise BadRequest(f"corrupt or truncated {kind} image: it could not be decoded") from None
     return DecodedImage(upright, found, max(0, frames - 1))

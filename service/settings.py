@@ -68,10 +68,13 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(None, description="redis://, rediss:// or unix:// URL; unset: jobs disabled")
     consume_jobs: bool = Field(True, description="the API process also runs jobs (`vpdsr worker` always does)")
     job_ttl_s: int = Field(86400, ge=1, description="lifetime of job records, inputs and results")
-    job_visibility_timeout_s: int = Field(600, ge=1, description="a dead worker's jobs are taken over after this")
+    job_visibility_timeout_s: int = Field(
+        30, ge=1, description="a dead worker's jobs are taken over after this (live ones' heartbeat every third of it)"
+    )
     job_max_attempts: int = Field(3, ge=1, description="attempts before a job is dead-lettered")
     job_stream_maxlen: int = Field(10000, ge=1, description="cap of the job stream, and the largest backlog accepted")
     metrics_port: int = Field(9100, ge=0, le=65535, description="Prometheus port of `vpdsr worker`")
+    job_max_tiles: int = Field(4096, ge=1, description="most tiles one job's image may have (413 at submission)")
     # consumer tuning
     job_concurrency: int = Field(4, ge=1, le=256, description="jobs one consumer runs at once (they share batches)")
     job_shutdown_grace_s: float = Field(

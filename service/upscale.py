@@ -4,7 +4,7 @@
 
 Also here, because both endpoints that take an upscale request share them: the OpenAPI request
 body (:data:`REQUEST_BODY`), options sent as multipart form fields (:func:`merge_form_fields`)
-and the check of options before anything runs (:func:`check_options`).
+and their conversion to the engine's options (:func:`to_options`).
 """
 
 from __future__ import annotations
@@ -121,11 +121,6 @@ class Upscaled:
 def to_options(params: UpscaleParams) -> UpscaleOptions:
     return UpscaleOptions(model=params.model, steps=params.steps, seed=params.seed, tile=params.tile,
                           scale=params.scale)
-
-
-def check_options(engine: InferenceEngine, params: UpscaleParams) -> None:
-    """Validate options against the loaded model without running it (409/404/422 as an upscale)."""
-    engine.resolve_options(to_options(params))
 
 
 def merge_form_fields(params: UpscaleParams, fields: dict[str, str]) -> UpscaleParams:

@@ -86,7 +86,9 @@ class Worker:
             "OMP_NUM_THREADS": "1",
             "MKL_NUM_THREADS": "1",
         }
-        environ.update({f"VPDSR_{k.upper()}": str(v) for k, v in env.items()})
+        environ.update({f"VPDSR_{k.upper()}": str(v) for k, v in env.items() if v is not None})
+        for name in (k for k, v in env.items() if v is None):  # None: the setting's default
+            environ.pop(f"VPDSR_{name.upper()}")
         self.out = log.open("wb")
         self.proc = subprocess.Popen([str(VPDSR), "worker"], env=environ, stdout=self.out, stderr=subprocess.STDOUT)
 
@@ -187,6 +189,29 @@ def test_killed_worker_job_is_finished_by_another(tiny_registry: Path, redis_ser
     assert r.xpending(STREAM, GROUP)["pending"] == 0
     assert rescuer.metric("vpdsr_job_reclaims_total") == 1
     assert rescuer.metric("vpdsr_jobs_total", outcome="succeeded") == 1
+    r.close()
+
+
+def test_dead_workers_job_resumes_within_a_minute_by_default(tiny_registry: Path, redis_server: RedisServer,
+                                                             workers: list[Worker], tmp_path: Path) -> None:
+    """Red team (issue 30): a SIGKILLed worker's jobs waited 10 minutes (visibility timeout 600 s).
+    With the default visibility timeout and reclaim interval another worker resumes one within 60 s."""
+    defaults = {"job_visibility_timeout_s": None, "job_reclaim_interval_s": None}
+    r = Redis.from_url(redis_server.url)
+    doomed = Worker(tiny_registry, redis_server.url, tmp_path / "a.log", job_test_delay_s=300, **defaults)
+    workers.append(doomed)
+    doomed.wait_ready()
+    [job_id] = submit(redis_server.url, png(16, 1))
+    wait_for(lambda: job_state(r, job_id)["state"] == "running", what="job running on the doomed worker")
+    rescuer = Worker(tiny_registry, redis_server.url, tmp_path / "b.log", **defaults)
+    workers.append(rescuer)
+    rescuer.wait_ready()
+    doomed.proc.send_signal(signal.SIGKILL)
+    killed_at = float(r.time()[0]) + r.time()[1] / 1e6  # Redis's clock: the job's timestamps use it
+    wait_for(lambda: job_state(r, job_id)["state"] == "succeeded", timeout=90, what="job resumed and done")
+    job = job_state(r, job_id)
+    assert job["attempts"] == "2" and f"-{rescuer.proc.pid}-" in job["consumer"]
+    assert float(job["started_at"]) - killed_at < 60, "resumed within a minute"
     r.close()
 
 

@@ -31,7 +31,7 @@ from ..engine import EngineState
 from ..errors import ERROR_DESCRIPTIONS, ErrorResponse, InvalidParameters, Overloaded, ServiceError
 from ..imageio import ImageLimits, decode_image, read_upload
 from ..schemas import UpscaleParams
-from ..upscale import BINARY, REQUEST_BODY, check_options, merge_form_fields
+from ..upscale import BINARY, REQUEST_BODY, merge_form_fields, to_options
 from .consumer import REDIS_DOWN
 from .keys import JobState
 from .queue import BacklogFull, JobQueue, JobRecord, fingerprint
@@ -170,10 +170,10 @@ def job_queue(system: JobSystem) -> JobQueue:
     return system.queue
 
 
-def _unavailable(exc: BaseException) -> JobsUnavailable:
+def _unavailable() -> JobsUnavailable:
     return JobsUnavailable(
-        # The exception text names Redis's host and port: it goes to the log, not to clients.
-        f"the job queue is unavailable ({type(exc).__name__}); retry later, or use POST /v1/upscale",
+        # The exception names Redis's host and port: it goes to the log, not to clients.
+        "the job queue is unavailable; retry later, or use POST /v1/upscale",
         headers={"Retry-After": str(RETRY_AFTER_S)},
     )
 
@@ -198,7 +198,7 @@ async def redis_guard() -> AsyncIterator[None]:
         yield
     except REDIS_DOWN as exc:
         log.warning("job queue unavailable: %r", exc)
-        raise _unavailable(exc) from None
+        raise _unavailable() from None
 
 
 router = APIRouter(prefix="/v1", tags=["jobs"], dependencies=[Depends(require_api_key)])
@@ -245,9 +245,9 @@ async def submit_job(
     upload = await read_upload(request, settings.max_body_bytes)
     options = merge_form_fields(params, upload.fields)
     # Validate now, like /v1/upscale would, so that bad input is a 4xx here and not a failed job.
-    await run_in_threadpool(decode_image, upload.data, ImageLimits.of(settings))
-    if engine.state is EngineState.READY:  # options need the model (steps, tiles); else the worker checks
-        check_options(engine, options)
+    decoded = await run_in_threadpool(decode_image, upload.data, ImageLimits.of(settings))
+    if engine.state is EngineState.READY:  # options and cost need the model (tiles); else the worker checks
+        engine.check_job(decoded.image.width, decoded.image.height, to_options(options))
     stored = options.model_dump(exclude_none=True)
     async with redis_guard():
         try:

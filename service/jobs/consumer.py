@@ -49,6 +49,15 @@ log = logging.getLogger("vpdsr.jobs")
 # server still loading its data, a replica during fail-over). Anything else is a bug.
 REDIS_DOWN = (RedisError, OSError)
 
+
+def cancel_requested() -> bool:
+    """Whether the current task has been asked to stop. redis-py (8.2) can swallow the
+    CancelledError of a command it is in (the command returns, or fails like an outage), so a
+    loop that goes on after a Redis call checks this as well: else it outlives its cancel, and
+    whoever awaits it waits for ever (a worker that never exited after SIGTERM)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
 Progress = Callable[[int, int], None]  # (tiles done, tiles in total); must not block or raise
 
 
@@ -134,7 +143,7 @@ class Heartbeat:
 
     async def _beat(self) -> None:
         visibility = self.queue.visibility_timeout_s
-        while True:
+        while not cancel_requested():
             await asyncio.sleep(visibility / 3)
             touched_at = time.monotonic()
             try:
@@ -181,7 +190,7 @@ class ProgressWriter:
             self._writer = asyncio.create_task(self._write(), name=f"job-progress-{self.delivery.job_id}")
 
     async def _write(self) -> None:
-        while (value := self._latest) is not None and value != self._stored:
+        while (value := self._latest) is not None and value != self._stored and not cancel_requested():
             try:
                 if await self.queue.progress(self.delivery, self.consumer, *value) is Hold.CANCELLED:
                     self.cancelled.set()
@@ -269,7 +278,7 @@ class JobConsumer:
     # -- the loop --------------------------------------------------------------------------------
     async def run(self) -> None:
         backoff = Backoff()
-        while not self._stopping.is_set():
+        while not self._stopping.is_set() and not cancel_requested():
             try:
                 await self.queue.ensure_group()
                 if not self.connected:
@@ -292,7 +301,7 @@ class JobConsumer:
 
     async def _consume(self) -> None:
         next_reclaim = 0.0
-        while not self._stopping.is_set():
+        while not self._stopping.is_set() and not cancel_requested():
             if self.concurrency - len(self._tasks) <= 0:
                 await asyncio.wait(list(self._tasks), timeout=self.reclaim_interval_s,
                                    return_when=asyncio.FIRST_COMPLETED)

@@ -35,7 +35,8 @@ def make_processor(engine: InferenceEngine, settings: Settings) -> Processor:
         try:
             params = UpscaleParams.model_validate(job.options)
         except ValidationError as exc:
-            raise PermanentJobError("invalid_parameter", f"stored options are invalid: {exc}") from None
+            raise PermanentJobError("invalid_parameter", "the job's stored options are invalid: "
+                                    + "; ".join(err["msg"] for err in exc.errors(include_url=False))) from None
         began = time.monotonic()
         while True:
             tried = time.monotonic()

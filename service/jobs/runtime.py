@@ -13,7 +13,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from ..schemas import CheckResult
 from ..settings import Settings
-from .consumer import REDIS_DOWN, JobConsumer, JobInput, JobOutput, Processor, Ready
+from .consumer import REDIS_DOWN, JobConsumer, JobInput, JobOutput, Processor, Ready, cancel_requested
 from .prometheus import JobMetrics, job_metrics
 from .queue import JobQueue
 
@@ -136,7 +136,7 @@ class JobSystem:
     async def _stats_loop(self) -> None:
         loop = asyncio.get_running_loop()
         next_prune = loop.time() + PRUNE_EVERY_S
-        while True:
+        while not cancel_requested():
             try:
                 await self.refresh_gauges()
                 if loop.time() >= next_prune and self.queue is not None:
