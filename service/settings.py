@@ -72,9 +72,9 @@ class Settings(BaseSettings):
         30, ge=1, description="a dead worker's jobs are taken over after this (live ones' heartbeat every third of it)"
     )
     job_max_attempts: int = Field(3, ge=1, description="attempts before a job is dead-lettered")
+    job_max_tiles: int = Field(4096, ge=1, description="most tiles one job's image may have (413 at submission)")
     job_stream_maxlen: int = Field(10000, ge=1, description="cap of the job stream, and the largest backlog accepted")
     metrics_port: int = Field(9100, ge=0, le=65535, description="Prometheus port of `vpdsr worker`")
-    job_max_tiles: int = Field(4096, ge=1, description="most tiles one job's image may have (413 at submission)")
     # consumer tuning
     job_concurrency: int = Field(4, ge=1, le=256, description="jobs one consumer runs at once (they share batches)")
     job_shutdown_grace_s: float = Field(
