@@ -14,6 +14,7 @@ results do not depend on how the image was tiled or batched and a seed reproduce
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -29,6 +30,7 @@ from torch import Tensor
 from .autoencoder import VQAutoencoder
 from .config import ModelConfig
 from .checkpoint import load_into
+from .device import resolve_channels_last, resolve_dtype, resolve_threads
 from .errors import InvalidRequest
 from .latent import LatentCodec
 from .registry import Registry
@@ -108,7 +110,15 @@ def _batches(items: Sequence[Tile], size: int) -> Iterator[Sequence[Tile]]:
 
 
 class SRPipeline:
-    """A loaded super-resolution model (Swin-UNet + VQGAN + schedule) on one device and dtype."""
+    """A loaded super-resolution model (Swin-UNet + VQGAN + schedule) on one device and dtype.
+
+    ``dtype``, ``channels_last`` and ``threads`` default to the fast path of the machine
+    (:mod:`model.device`): bf16 on CUDA and on CPUs with bf16 matrix units, float32 elsewhere,
+    channels-last, one thread per usable core. ``dtype=torch.float32`` is the reference path.
+    On the CPU a half dtype runs as autocast over float32 weights (convolutions and matrix products
+    in the half type, everything autocast keeps in float32 stays there; GroupNorm computes in
+    float32 regardless); on CUDA the weights themselves are cast.
+    """
 
     def __init__(
         self,
@@ -117,11 +127,12 @@ class SRPipeline:
         autoencoder: VQAutoencoder,
         *,
         device: str | torch.device = "cpu",
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | str = "auto",
         tile_sizes: Sequence[int] | None = None,
         tile_overlap: float = 0.25,
         max_tile_batch: int = 4,
-        channels_last: bool = False,
+        channels_last: bool | str = "auto",
+        threads: int | None = None,
         compile_mode: str | None = None,
         compile_backend: str = "inductor",
         name: str = "unnamed",
@@ -129,16 +140,26 @@ class SRPipeline:
     ) -> None:
         self.config = config
         self.device = torch.device(device)
-        self.dtype = dtype
+        self.dtype = resolve_dtype(dtype, self.device) if isinstance(dtype, str) else dtype
+        if isinstance(channels_last, str):
+            channels_last = resolve_channels_last(channels_last, self.device)
+        self.channels_last = channels_last
+        self.threads = resolve_threads(threads)
+        # CPU autocast keeps float32 weights: the half type only where a kernel gains from it.
+        self.autocast = self.device.type == "cpu" and self.dtype != torch.float32
+        self.weight_dtype = torch.float32 if self.autocast else self.dtype
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.unet = unet.eval().requires_grad_(False).to(self.device, dtype, memory_format=memory_format)
-        self.autoencoder = autoencoder.eval().requires_grad_(False).to(self.device, dtype, memory_format=memory_format)
+        self.unet = unet.eval().requires_grad_(False).to(self.device, self.weight_dtype, memory_format=memory_format)
+        self.autoencoder = autoencoder.eval().requires_grad_(False).to(
+            self.device, self.weight_dtype, memory_format=memory_format
+        )
         self.codec = LatentCodec(
             self.autoencoder, latent_scaling=config.diffusion.scale_factor, upscale=config.diffusion.sf,
             memory_format=memory_format,
         )
         # The eager float32 path stays the reference; compile_mode (e.g. "max-autotune" or, on CUDA,
         # "reduce-overhead" for CUDA graphs) traces encode→sample→decode per tile size, see _compiled_forward.
+        self.compile_mode = compile_mode
         self.compiled = compile_mode is not None
         self._forward = self._compiled_forward if self.compiled else self._tiles_forward
         if self.compiled:
@@ -148,11 +169,14 @@ class SRPipeline:
         self.scale = config.diffusion.sf
         # Latent pixels per LR pixel (1 for x4 SR with an f4 autoencoder).
         self.latent_scale = self.scale // config.autoencoder.ddconfig.downsample_factor
+        self.latent_channels = config.autoencoder.embed_dim  # of the noise and the diffused latent
         self.multiple = max(1, self.unet.size_multiple // self.latent_scale)
         default_tiles = config.tile_sizes or (config.unet.image_size, 2 * config.unet.image_size)
         self.tile_sizes = tuple(sorted(self._tile_geometry(t) for t in (tile_sizes or default_tiles)))
         self.tile_overlap = tile_overlap
         self.max_tile_batch = max_tile_batch
+        # Seconds per tile of each tile size, from warmup(): what layout() minimises per image.
+        self.tile_seconds: dict[int, float] = {}
         self.name = name
         self.version = version
 
@@ -203,17 +227,29 @@ class SRPipeline:
     # -- the three pieces ------------------------------------------------------------------------
     def layout(self, width: int, height: int, tile: int | None = None) -> TileGrid:
         """The tile grid of a ``width``×``height`` image, from its size alone: what a request will
-        cost is known before any pixel is touched. ``tile`` None picks the smallest bucket that
-        holds the whole (padded) image, else the largest bucket."""
+        cost is known before any pixel is touched. ``tile`` None picks, among the model's tile sizes,
+        the one that upscales this image at the lowest cost (:meth:`_grid_cost`)."""
         padded_h = max(math.ceil(height / self.multiple) * self.multiple, self.multiple)
         padded_w = max(math.ceil(width / self.multiple) * self.multiple, self.multiple)
         if tile is None:
-            longest = max(padded_h, padded_w)
-            tile = next((t for t in self.tile_sizes if t >= longest), self.tile_sizes[-1])
-        tile = self._tile_geometry(tile)
+            return min((self._grid(padded_h, padded_w, t) for t in self.tile_sizes), key=self._grid_cost)
+        return self._grid(padded_h, padded_w, self._tile_geometry(tile))
+
+    def _grid(self, padded_h: int, padded_w: int, tile: int) -> TileGrid:
         padded_h, padded_w = max(padded_h, tile), max(padded_w, tile)
         overlap = int(tile * self.tile_overlap) if tile < max(padded_h, padded_w) else 0
         return TileGrid(padded_h, padded_w, tile, overlap, self.scale)
+
+    def _grid_cost(self, grid: TileGrid) -> tuple[float, int]:
+        """What :meth:`layout` minimises: once :meth:`warmup` has timed every tile size on this
+        machine, the image's seconds (tiles × seconds per tile; fewer tiles break ties), so the
+        per-call overhead that makes small tiles dear on one CPU and cheap on another is measured,
+        not guessed. Before that, the fewest tiles, then the smallest tile: the smallest tile size
+        that holds the image, else the largest."""
+        tiles = len(grid.boxes)
+        if all(t in self.tile_seconds for t in self.tile_sizes):
+            return tiles * self.tile_seconds[grid.tile], tiles
+        return tiles, grid.tile
 
     def plan(self, image: ImageInput, seed: int | None = None, tile: int | None = None) -> TilePlan:
         """Pad the image and cut it into equal overlapping tiles, each with its share of the noise
@@ -229,7 +265,7 @@ class SRPipeline:
         ls = self.latent_scale
         generator = torch.Generator().manual_seed(seed)
         noise = torch.randn(
-            (self.config.autoencoder.embed_dim, padded_h * ls, padded_w * ls), generator=generator
+            (self.latent_channels, padded_h * ls, padded_w * ls), generator=generator
         )
         tiles = [
             Tile(lr[:, y : y + tile, x : x + tile], noise[:, y * ls : (y + tile) * ls, x * ls : (x + tile) * ls])
@@ -245,7 +281,7 @@ class SRPipeline:
             # Pinned host buffers make the copies asynchronous, so they overlap queued GPU work.
             lr, noise = lr.pin_memory(), noise.pin_memory()
         lr = lr.to(self.device, torch.float32, non_blocking=True)
-        noise = noise.to(self.device, self.dtype, non_blocking=True)
+        noise = noise.to(self.device, self.weight_dtype, non_blocking=True)
         out = self._forward(lr, noise, steps)
         if self.device.type != "cuda":
             return out.float()
@@ -264,9 +300,10 @@ class SRPipeline:
         return self._compiled(lr, noise, steps)
 
     def _tiles_forward(self, lr: Tensor, noise: Tensor, steps: int) -> Tensor:
-        z_y = self.codec.encode_lr(lr)
-        x0 = sample(self.unet, self.schedule, z_y, lr.to(self.dtype), noise, steps)
-        return self.codec.decode(x0)
+        with torch.autocast(self.device.type, self.dtype) if self.autocast else contextlib.nullcontext():
+            z_y = self.codec.encode_lr(lr)
+            x0 = sample(self.unet, self.schedule, z_y, lr.to(self.weight_dtype), noise, steps)
+            return self.codec.decode(x0)
 
     # -- convenience -----------------------------------------------------------------------------
     def __call__(
@@ -297,17 +334,31 @@ class SRPipeline:
         A compiled model runs each shape twice: the first run compiles, the second records its CUDA
         graph (``reduce-overhead`` warms a graph up once before it records). Returns the seconds per
         tile of each bucket, timed on the last run of its largest batch (once the smaller ones have
-        paid for allocations): the service's first cost estimate.
+        paid for allocations), and keeps them in :attr:`tile_seconds`: the service's first cost
+        estimate, and what :meth:`layout` picks tile sizes by from then on (fixed after warm-up, so
+        the tiling, and with it a seeded result, does not drift with the load).
         """
-        channels = self.config.autoencoder.embed_dim
         runs = 2 if self.compiled else 1
         seconds: dict[int, float] = {}
         for tile in self.tile_sizes:
             for batch in sorted(batch_sizes):
                 lr = torch.zeros(batch, 3, tile, tile)
-                noise = torch.zeros(batch, channels, tile * self.latent_scale, tile * self.latent_scale)
+                noise = torch.zeros(batch, self.latent_channels, tile * self.latent_scale, tile * self.latent_scale)
                 for _ in range(runs):
                     started = time.perf_counter()
                     self.run_tiles(lr, noise, steps)
                 seconds[tile] = (time.perf_counter() - started) / batch
+        self.tile_seconds = seconds
         return seconds
+
+    def describe_path(self) -> dict[str, object]:
+        """How this pipeline computes: reported by ``/v1/models``, the service's start-up log and the
+        benchmarks, so a number can always be matched with the path that produced it."""
+        return {
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "autocast": self.autocast,
+            "channels_last": self.channels_last,
+            "compile": self.compile_mode,
+            "threads": self.threads,
+        }

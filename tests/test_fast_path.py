@@ -20,7 +20,7 @@ import torch
 from pydantic import ValidationError
 from torch._dynamo.utils import counters
 
-from model import SRPipeline
+from model import SRPipeline, device
 from model.device import resolve_channels_last, resolve_dtype
 from model.errors import InvalidRequest
 from service.app import create_app
@@ -33,10 +33,16 @@ from tests.live import wait_ready
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
 
-def test_auto_dtype_and_channels_last_follow_the_device() -> None:
-    assert resolve_dtype("auto", CUDA) is torch.bfloat16 and resolve_dtype("auto", CPU) is torch.float32
-    assert resolve_dtype("float16", CUDA) is torch.float16
-    assert resolve_channels_last("auto", CUDA) and not resolve_channels_last("auto", CPU)
+@pytest.mark.parametrize("bf16_units", [True, False])
+def test_auto_dtype_follows_the_device_and_the_cpus_bf16_units(monkeypatch: pytest.MonkeyPatch, bf16_units: bool) -> None:
+    monkeypatch.setattr(device, "cpu_bf16_units", lambda: bf16_units)
+    assert resolve_dtype("auto", CUDA) is torch.bfloat16
+    assert resolve_dtype("auto", CPU) is (torch.bfloat16 if bf16_units else torch.float32)
+    assert resolve_dtype("float32", CPU) is torch.float32 and resolve_dtype("float16", CUDA) is torch.float16
+
+
+def test_channels_last_is_on_unless_switched_off() -> None:
+    assert resolve_channels_last("auto", CUDA) and resolve_channels_last("auto", CPU)
     assert resolve_channels_last("true", CPU) and not resolve_channels_last("false", CUDA)
     with pytest.raises(InvalidRequest):
         resolve_channels_last("yes", CPU)
@@ -55,16 +61,23 @@ def test_settings_read_the_fast_path_from_the_environment(monkeypatch: pytest.Mo
         Settings()
 
 
-def test_load_pipeline_takes_the_settings_path(tiny_registry: Path) -> None:
-    plain = load_pipeline(Settings(registry=tiny_registry, model="tiny", device="cpu"))
-    assert plain.dtype is torch.float32 and not plain.compiled
+def test_load_pipeline_takes_the_settings_path(tiny_registry: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(device, "cpu_bf16_units", lambda: True)
+    auto = load_pipeline(Settings(registry=tiny_registry, model="tiny", device="cpu"))
+    assert auto.dtype is torch.bfloat16 and auto.autocast and not auto.compiled
+    assert auto.autoencoder.encoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    threads = torch.get_num_threads()
+    try:
+        plain = load_pipeline(Settings(
+            registry=tiny_registry, model="tiny", device="cpu", dtype="float32", channels_last="false", threads=1,
+        ))
+        assert plain.threads == 1 == torch.get_num_threads()
+    finally:
+        torch.set_num_threads(threads)
+    assert plain.dtype is torch.float32 and not plain.autocast
     assert not plain.autoencoder.encoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
-    fast = load_pipeline(Settings(
-        registry=tiny_registry, model="tiny", device="cpu", dtype="bfloat16", channels_last="true",
-        compile="reduce-overhead",
-    ))
-    assert fast.dtype is torch.bfloat16 and fast.compiled  # compiles at its first run, i.e. in warm-up
-    assert fast.autoencoder.encoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    fast = load_pipeline(Settings(registry=tiny_registry, model="tiny", device="cpu", compile="reduce-overhead"))
+    assert fast.compiled  # compiles at its first run, i.e. in warm-up
 
 
 def test_compiled_warmup_compiles_two_graphs_per_tile_size(tiny_registry: Path) -> None:
@@ -99,7 +112,7 @@ def test_readyz_is_503_until_the_warm_up_is_done(
     tiny_registry: Path, gated_warmup: threading.Event, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="vpdsr.service")
-    settings = Settings(registry=tiny_registry, model="tiny", device="cpu", port=free_port())
+    settings = Settings(registry=tiny_registry, model="tiny", device="cpu", dtype="float32", port=free_port())
     server = Server(create_app(settings), settings, log_level="warning")
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -119,6 +132,12 @@ def test_readyz_is_503_until_the_warm_up_is_done(
         wait_ready(url, thread.is_alive, timeout=60)
         assert httpx.get(f"{url}/readyz", timeout=2).status_code == 200
         assert re.search(r"warmed tiles .* in \d+\.\d s", caplog.text), "the warm-up's duration is logged"
+        assert "'channels_last': True" in caplog.text and "'threads': " in caplog.text, "and the path it runs"
+        loaded = httpx.get(f"{url}/v1/models", timeout=5).json()["loaded"]
+        assert {key: loaded[key] for key in ("dtype", "autocast", "channels_last", "compile")} == {
+            "dtype": "float32", "autocast": False, "channels_last": True, "compile": None,
+        }
+        assert loaded["threads"] >= 1 and set(loaded["tile_seconds"]) == {"16", "32"}
     finally:
         gated_warmup.set()
         server.should_exit = True
