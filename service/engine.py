@@ -50,7 +50,7 @@ from PIL import Image
 from torch import Tensor
 
 from model import Registry, SRPipeline
-from model.device import resolve_channels_last, resolve_device, resolve_dtype
+from model.device import resolve_device
 from model.errors import ModelNotFound
 from model.pipeline import Tile, TilePlan
 from model.seeds import resolve_seed
@@ -143,16 +143,17 @@ class _Work:
 
 
 def load_pipeline(settings: Settings) -> SRPipeline:
-    """The served model on the path the settings choose. ``auto`` dtype and channels-last follow the
-    device, so one configuration serves fast on a GPU and exactly on a CPU; a compiled model
-    compiles during :meth:`SRPipeline.warmup`, before ``/readyz`` turns ready."""
-    device = resolve_device(settings.device)
+    """The served model on the path the settings choose. ``auto`` dtype, channels-last and threads
+    follow the machine (:mod:`model.device`), so one configuration serves at the hardware's speed on
+    a GPU and on a CPU with or without bf16 units; a compiled model compiles during
+    :meth:`SRPipeline.warmup`, before ``/readyz`` turns ready."""
     return SRPipeline.from_registry(
         settings.model,
         Registry(settings.registry),
-        device=device,
-        dtype=resolve_dtype(settings.dtype, device),
-        channels_last=resolve_channels_last(settings.channels_last, device),
+        device=resolve_device(settings.device),
+        dtype=settings.dtype,
+        channels_last=settings.channels_last,
+        threads=settings.threads,
         compile_mode=None if settings.compile == "off" else settings.compile,
     )
 
@@ -203,8 +204,8 @@ class InferenceEngine:
         self.state = EngineState.READY
         await self._notify_room()
         log.info(
-            "serving %s:%s on %s (%s); warmed tiles %s × batches %s in %.1f s; seconds per tile %s",
-            pipe.name, pipe.version, pipe.device, pipe.dtype, pipe.tile_sizes, self.batch_sizes, warm_seconds,
+            "serving %s:%s on %s; warmed tiles %s × batches %s in %.1f s; seconds per tile %s",
+            pipe.name, pipe.version, pipe.describe_path(), pipe.tile_sizes, self.batch_sizes, warm_seconds,
             {tile: round(seconds, 4) for tile, seconds in warm.items()},
         )
 

@@ -69,10 +69,17 @@ class LoadedModel(BaseModel):
     version: str | None = None
     device: str | None = None
     dtype: str | None = None
+    autocast: bool | None = Field(None, description="half dtype as autocast over float32 weights (the CPU fast path)")
+    channels_last: bool | None = None
+    compile: str | None = Field(None, description="torch.compile mode; null = eager")
+    threads: int | None = Field(None, description="intra-op CPU threads of the model")
     scale: int | None = None
     default_steps: int | None = None
     max_steps: int | None = None
     tile_sizes: list[int] = Field(default_factory=list)
+    tile_seconds: dict[int, float] = Field(
+        default_factory=dict, description="seconds per tile of each tile size at warm-up: images get the cheapest tiling"
+    )
     batch_sizes: list[int] = Field(default_factory=list, description="warmed batch sizes")
     error: str | None = None
 

@@ -28,7 +28,9 @@ class Settings(BaseSettings):
     model: str = Field("vpdsr-small@production", description="registry reference of the model to serve")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto = CUDA when present")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="auto = bfloat16 on CUDA, float32 on the CPU"
+        "auto",
+        description="auto = bfloat16 on CUDA and on CPUs with bf16 matrix units (AMX, AVX-512 BF16; autocast), "
+        "float32 on other CPUs",
     )
 
     # -- HTTP -------------------------------------------------------------------------------------
@@ -94,7 +96,11 @@ class Settings(BaseSettings):
         "cached in TORCHINDUCTOR_CACHE_DIR",
     )
     channels_last: Literal["auto", "true", "false"] = Field(
-        "auto", description="channels-last memory format; auto = on for CUDA"
+        "auto", description="channels-last memory format; auto = on (the fast convolutions on CUDA and the CPU)"
+    )
+    threads: int | None = Field(
+        None, ge=1, description="CPU threads of the model; unset = PyTorch's count (OMP_NUM_THREADS when set) "
+        "capped at the cores this process may use (CPU affinity, cgroup quota)",
     )
 
     @property

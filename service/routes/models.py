@@ -25,12 +25,12 @@ def describe(engine: InferenceEngine) -> LoadedModel:
         update={
             "name": pipe.name,
             "version": pipe.version,
-            "device": str(pipe.device),
-            "dtype": str(pipe.dtype).removeprefix("torch."),
+            **pipe.describe_path(),
             "scale": pipe.scale,
             "default_steps": pipe.config.inference_steps,
             "max_steps": pipe.schedule.num_steps,
             "tile_sizes": list(pipe.tile_sizes),
+            "tile_seconds": pipe.tile_seconds,
             "batch_sizes": engine.batch_sizes,
         }
     )
