@@ -51,7 +51,10 @@ def common_options() -> argparse.ArgumentParser:
 def device_options() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument(
+        "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+        help="auto: bfloat16 on CUDA and on CPUs with bf16 matrix units, else float32 (the reference)",
+    )
     return parser
 
 
@@ -85,7 +88,7 @@ class LocalUpscaler:
         self.device = resolve_device(args.device)
         self.pipe = SRPipeline.from_registry(
             args.model or DEFAULT_MODEL, Registry(args.registry, shipped=True),
-            device=self.device, dtype=resolve_dtype(args.dtype),
+            device=self.device, dtype=resolve_dtype(args.dtype, self.device),
         )
         self.steps = self.pipe.check_steps(args.steps)
         self.tile = self.pipe.check_tile(args.tile)

@@ -58,7 +58,7 @@ class EvalConfig:
     seed: int = 0
     tile: int | None = None
     device: str = "auto"
-    dtype: str = "float32"
+    dtype: str = "auto"
     registry: Path | None = None
     out: Path | None = None
 
@@ -94,7 +94,7 @@ class Evaluator:
         self.data = config.eval_data
         self.registry = Registry(config.registry)
         device = resolve_device(config.device)
-        dtype = resolve_dtype(config.dtype)
+        dtype = resolve_dtype(config.dtype, device)
         self.entry = self.registry.resolve(config.model)
         self.pipe = SRPipeline.from_registry(self.entry.ref, self.registry, device=device, dtype=dtype)
         self.teacher = (
@@ -137,7 +137,7 @@ class Evaluator:
             "steps": self.steps,
             "seed": self.config.seed,
             "device": str(self.device),
-            "dtype": self.config.dtype,
+            "dtype": str(self.pipe.dtype).removeprefix("torch."),
             "seconds_per_image": statistics.median(r["seconds"] for r in rows),
         }
         if self.niqe.skipped:
