@@ -483,7 +483,7 @@ def shell_default(value: str) -> str:
 
 def test_compose_gpu_fast_path(compose, compose_cpu):
     """GPU hosts serve bf16, channels-last and compiled, with the compile caches on a named volume;
-    the CPU override serves float32, uncompiled."""
+    the CPU override serves the CPU's own fast path (``auto``), uncompiled."""
     for name in ("api", "worker"):
         service = compose["services"][name]
         env = env_of(service)
@@ -494,7 +494,7 @@ def test_compose_gpu_fast_path(compose, compose_cpu):
         volume = next(v.split(":")[0] for v in service["volumes"] if v.split(":")[1] == COMPILE_CACHE)
         assert volume in compose["volumes"], "a named volume: it outlives the container"
         cpu = env_of(compose_cpu["services"][name])
-        assert (cpu["VPDSR_COMPILE"], cpu["VPDSR_DTYPE"], cpu["VPDSR_CHANNELS_LAST"]) == ("off", "float32", "false")
+        assert (cpu["VPDSR_COMPILE"], cpu["VPDSR_DTYPE"], cpu["VPDSR_CHANNELS_LAST"]) == ("off", "auto", "auto")
 
 
 def test_compose_mounts_exist(compose):
