@@ -34,7 +34,7 @@ from torch import nn
 from model.config import AutoencoderConfig, DDConfig, from_dict
 from model.norm import GroupNorm32
 
-__all__ = ["VQAutoencoder", "VectorQuantizer"]
+__all__ = ["Continuous", "VQAutoencoder", "VectorQuantizer"]
 
 # Distance-matrix elements per nearest-code search chunk (64 MiB in float32).
 _SEARCH_CHUNK_ELEMENTS = 1 << 24
@@ -316,6 +316,15 @@ class VectorQuantizer(nn.Module):
         return z_q, codebook_loss, commitment_loss
 
 
+class Continuous(nn.Module):
+    """The quantiser of a codebook-free autoencoder (``n_embed: 0``): latents pass unchanged and
+    the VQ losses are zero, so training and decoding code stays the same for both kinds."""
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        zero = z.new_zeros((), dtype=torch.float32)
+        return z, zero, zero
+
+
 def _as_ddconfig(ddconfig: DDConfig | Mapping[str, Any]) -> DDConfig:
     cfg = ddconfig if isinstance(ddconfig, DDConfig) else from_dict(DDConfig, dict(ddconfig))
     if cfg.double_z:
@@ -326,6 +335,8 @@ def _as_ddconfig(ddconfig: DDConfig | Mapping[str, Any]) -> DDConfig:
 
 class VQAutoencoder(nn.Module):
     """ResShift's VQGAN (``ldm.models.autoencoder.VQModelTorch``); images are in [-1, 1].
+
+    With ``n_embed`` 0 there is no codebook (:class:`Continuous`): the latent is continuous.
 
     ``quantize`` is both the state-dict submodule (``quantize.embedding.weight``) and the
     training entry point: ``model.quantize(z)`` returns ``(z_q, codebook_loss, commitment_loss)``.
@@ -338,7 +349,7 @@ class VQAutoencoder(nn.Module):
         self.n_embed = n_embed
         self.encoder = Encoder(self.ddconfig)
         self.decoder = Decoder(self.ddconfig)
-        self.quantize = VectorQuantizer(n_embed, embed_dim, beta=0.25)
+        self.quantize = VectorQuantizer(n_embed, embed_dim, beta=0.25) if n_embed > 0 else Continuous()
         self.quant_conv = nn.Conv2d(self.ddconfig.z_channels, embed_dim, kernel_size=1)
         self.post_quant_conv = nn.Conv2d(embed_dim, self.ddconfig.z_channels, kernel_size=1)
 

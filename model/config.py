@@ -79,6 +79,9 @@ class AutoencoderConfig:
 
     embed_dim: int = 3
     n_embed: int = 8192
+    """Codebook size; ``0`` means a continuous latent (no codebook, decoding never snaps). Not a
+    ResShift option: a small CPU-trained f4 autoencoder with a few more latent channels and no
+    codebook keeps the detail that a 3-channel VQ latent loses (docs/training.md)."""
     ddconfig: DDConfig = field(default_factory=DDConfig)
 
 

@@ -93,6 +93,27 @@ def crops(args: argparse.Namespace) -> int:
     return 0
 
 
+def teacher_bank(args: argparse.Namespace) -> int:
+    """The ``vpdsr teacher-bank`` handler."""
+    from tqdm import tqdm
+
+    from .degradations import DegradationConfig
+    from .teacher_bank import make_teacher_bank
+
+    if not 0 <= args.bicubic_prob <= 1:
+        raise VPDSRError(f"--bicubic-prob must be between 0 and 1, got {args.bicubic_prob}")
+    if args.lr_size < 8 or args.count < 1:
+        raise VPDSRError(f"--lr-size must be at least 8 and --count positive, got {args.lr_size} and {args.count}")
+    with _user_errors(), tqdm(total=args.count, unit="triple") as bar:
+        total = make_teacher_bank(
+            args.sources, args.out_dir, teacher=args.teacher, lr_size=args.lr_size, count=args.count, seed=args.seed,
+            degradation=DegradationConfig(kind="realesrgan", bicubic_prob=args.bicubic_prob),
+            progress=lambda made: bar.update(made - bar.n),
+        )
+    print(f"{args.out_dir} holds {total} triples of {args.lr_size}² LR (teacher {args.teacher})")
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add this package's sub-commands to the ``vpdsr`` parser."""
     parser = subparsers.add_parser(
@@ -122,3 +143,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="write JPEGs at quality Q (1-100, no chroma subsampling) instead of PNGs: a bank "
                         "small enough to carry to a device machine")
     parser.set_defaults(handler=crops)
+
+    parser = subparsers.add_parser(
+        "teacher-bank",
+        help="degrade HR crops and upscale them with a pixel-space teacher, for `vpdsr train distill`",
+        description="Cut random crops from SOURCES, degrade them (Real-ESRGAN second order) and upscale the LR "
+        "with the teacher once; distil from OUT_DIR with --set pixel_teacher.bank=OUT_DIR. Appends to an existing bank.",
+    )
+    parser.add_argument("sources", type=Path, nargs="+", metavar="SOURCE", help="folders of HR images, or .txt lists")
+    parser.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="receives shard-NNNN.pt files")
+    parser.add_argument("--teacher", default="realesrgan-x4plus", choices=["realesrgan-x4plus"],
+                        help="pixel-space ×4 teacher (Real-ESRGAN x4plus needs the compare extra)")
+    parser.add_argument("--lr-size", type=int, default=32, help="LR crop side; HR and teacher crops are 4× that")
+    parser.add_argument("--count", type=int, default=1000, help="triples to add")
+    parser.add_argument("--seed", type=int, default=0, help="same sources and seed, same triples")
+    parser.add_argument("--bicubic-prob", type=float, default=0.0,
+                        help="share of triples whose LR is a clean bicubic ×1/4 instead of the degradation chain")
+    parser.set_defaults(handler=teacher_bank)

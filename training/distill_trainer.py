@@ -22,6 +22,7 @@ entry (kind ``student``, ``inference_steps`` 1) holds the EMA student and the te
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Self
 
@@ -30,8 +31,9 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import Tensor
 
+from model.autoencoder import DECODER_SIDE
 from model.checkpoint import load_into
-from model.config import ModelConfig
+from model.config import DiffusionConfig, ModelConfig, UNetConfig
 from model.registry import Registry, RegistryEntry
 from model.sampler import sample
 from model.schedule import ResShiftSchedule
@@ -42,12 +44,15 @@ from .adversary import Adversary, DiscriminatorSetup
 from .config_files import Config, ConfigError, to_plain
 from .data import DataConfig
 from .degradations import DegradationConfig, Degrader
-from .latents import build_codec, make_pair
-from .losses import ClipConfig, ClipSemanticLoss, ClipWeightsMissing, distill_loss, hfp_loss
+from .latents import Pair, build_codec, make_pair
+from .losses import ClipConfig, ClipSemanticLoss, ClipWeightsMissing, distill_loss, hfp_loss, high_frequency_bands
+from .teacher_bank import TeacherBank
 from .teacher_trainer import check_sizes
 from .trainer import Losses, LossTerm, OptimConfig, RunConfig, Trainer
+from .warm_start import warm_start
 
 KIND = "student"
+DECODER = "decoder"
 
 
 class DistillLosses(Config):
@@ -59,11 +64,43 @@ class DistillLosses(Config):
     semantic: LossTerm = Field(default_factory=lambda: LossTerm(weight=1.0))
     adversarial: LossTerm = Field(default_factory=lambda: LossTerm(weight=0.1))
     fidelity: LossTerm = Field(default_factory=lambda: LossTerm(enabled=False, weight=1.0))
+    pixel: LossTerm = Field(default_factory=lambda: LossTerm(enabled=False, weight=1.0))
+    """Pixel teachers only: L1 between the decoded student ``D(z_stu)`` and the teacher's image."""
+    pixel_hfp: LossTerm = Field(default_factory=lambda: LossTerm(enabled=False, weight=1.0))
+    """Pixel teachers only: L1 between the Haar detail bands of ``D(z_stu)`` and of the teacher's image
+    (L_HFP's idea in pixel space: the detail is what pixel L1 under-weights)."""
+    decoder: LossTerm = Field(default_factory=lambda: LossTerm(enabled=False, weight=1.0))
+    """``pixel_teacher.train_decoder`` only: L1 and Haar-detail L1 of ``D(E(teacher image))`` against
+    that image, the decoder's own loss (an autoencoder fine-tuned on sharp images)."""
+
+    def student_terms(self) -> dict[str, float]:
+        """Weight of each switched-on term of the student's loss (all but the decoder's own)."""
+        return {name: weight for name, weight in self.enabled().items() if name != "decoder"}
 
     def enabled(self) -> dict[str, float]:
         """Weight of each switched-on term."""
         terms = {name: getattr(self, name) for name in type(self).model_fields}
         return {name: term.weight for name, term in terms.items() if term.enabled}
+
+
+class PixelTeacherSetup(Config):
+    """Distil from a pixel-space ×4 teacher (Real-ESRGAN x4plus) through a bank of its outputs
+    (``vpdsr teacher-bank``) instead of a ResShift teacher. There is no teacher UNet to copy, so the
+    student's architecture, latent space and schedule are given here; ``z_tch = E(teacher image)``
+    is the target of L_distill and L_HFP, and the ``pixel`` terms reach the student through the frozen
+    decoder."""
+
+    bank: Path
+    autoencoder: str
+    """Registry reference of the autoencoder whose latent space the student works in."""
+    unet: UNetConfig = Field(default_factory=UNetConfig)
+    diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig)
+    init_from: str | None = None
+    """Registry reference of a student (same architecture) to start from; random weights otherwise."""
+    train_decoder: bool = False
+    """Train the decoder side of the autoencoder too (the encoder, hence every latent, stays frozen):
+    the student's pixel terms reach it, and ``losses.decoder`` keeps it an autoencoder of the teacher's
+    sharp images. The published student carries the trained decoder."""
 
 
 class DistillTrainConfig(Config):
@@ -72,6 +109,8 @@ class DistillTrainConfig(Config):
     name: str = "vpdsr"
     teacher: str | None = None
     """Registry reference of the teacher (``--teacher REF``)."""
+    pixel_teacher: PixelTeacherSetup | None = None
+    """A pixel-space teacher instead of ``teacher`` (:class:`PixelTeacherSetup`)."""
     teacher_steps: int | None = Field(None, ge=1)
     """Sampler steps of the distillation target ``z_tch`` (default: all of the teacher's schedule,
     the paper's). Fewer steps of the same schedule leave less of the noise that a briefly trained
@@ -96,37 +135,39 @@ class DistillTrainConfig(Config):
             raise ValueError("every loss term is switched off: enable at least one of losses.*")
         if self.adaptive_weight and not (self.losses.adversarial.enabled and self.losses.distill.enabled):
             raise ValueError("adaptive_weight balances losses.adversarial against losses.distill: enable both")
+        if self.pixel_teacher is not None and self.teacher is not None:
+            raise ValueError("give one teacher: teacher (a ResShift registry entry) or pixel_teacher, not both")
+        if self.pixel_teacher is None and (self.losses.pixel.enabled or self.losses.pixel_hfp.enabled):
+            raise ValueError("losses.pixel and losses.pixel_hfp compare with a pixel teacher's image: set pixel_teacher")
+        if self.losses.decoder.enabled != (self.pixel_teacher is not None and self.pixel_teacher.train_decoder):
+            raise ValueError("losses.decoder is the loss of pixel_teacher.train_decoder: enable both or neither")
+        if self.pixel_teacher is not None and self.teacher_steps is not None:
+            raise ValueError("teacher_steps counts a ResShift teacher's sampler steps; a pixel teacher has none")
         return self
 
 
 class DistillStage:
+    """The student, its frozen latent codec and teacher, and the objective of one distillation run."""
+
     def __init__(self, cfg: DistillTrainConfig, trainer: Trainer, registry: Registry, alias: str | None) -> None:
         self.cfg, self.trainer, self.registry, self.alias = cfg, trainer, registry, alias
-        if cfg.teacher is None:
-            raise ConfigError("no teacher: pass --teacher REF (a registry entry of kind 'teacher')")
-        self.teacher_entry = registry.resolve(cfg.teacher)
-        self.model_config = self.teacher_entry.config()
-        mc = self.model_config
-        if mc.kind == "autoencoder":
-            raise ConfigError(f"{self.teacher_entry.ref} is an autoencoder; the teacher must be a diffusion model")
-        if cfg.degradation.scale != mc.diffusion.sf:
-            raise ConfigError(f"degradation.scale {cfg.degradation.scale} differs from the teacher's sf {mc.diffusion.sf}")
-        unet_state, ae_state = self.teacher_entry.state_dicts()
         device = trainer.device
-
-        self.teacher = SwinUNet.from_config(mc.unet)
-        load_into(self.teacher, unet_state, "teacher UNet")
-        self.teacher = self.teacher.to(device).eval().requires_grad_(False)
-        check_sizes(cfg.data.crop_size, mc.diffusion.sf, mc.autoencoder.ddconfig.downsample_factor, self.teacher, mc.unet)
-        self.latents = build_codec(mc.autoencoder, ae_state, mc.diffusion, device)
+        if cfg.pixel_teacher is not None:
+            student = self._pixel_teacher(cfg.pixel_teacher)
+        else:
+            student = self._resshift_teacher()
+        mc = self.model_config
+        if cfg.degradation.scale != mc.diffusion.sf:
+            raise ConfigError(f"degradation.scale {cfg.degradation.scale} differs from the model's sf {mc.diffusion.sf}")
+        check_sizes(cfg.data.crop_size, mc.diffusion.sf, mc.autoencoder.ddconfig.downsample_factor, student, mc.unet)
         self.schedule = ResShiftSchedule(mc.diffusion)
-        self.teacher_steps = cfg.teacher_steps or self.schedule.num_steps
-        if self.teacher_steps > self.schedule.num_steps:
-            raise ConfigError(f"teacher_steps {cfg.teacher_steps} exceeds the teacher's {self.schedule.num_steps} diffusion steps")
-        self.degrader = Degrader(cfg.degradation)
-        student = SwinUNet.from_config(mc.unet)
-        load_into(student, unet_state, "teacher UNet")
         self.student = trainer.add_part(KIND, student, cfg.optim, ema=True)
+        self.decoder = None
+        if cfg.pixel_teacher is not None and cfg.pixel_teacher.train_decoder:
+            autoencoder = self.latents.autoencoder
+            for name, parameter in autoencoder.named_parameters():
+                parameter.requires_grad_(name.startswith(DECODER_SIDE))
+            self.decoder = trainer.add_part(DECODER, autoencoder, cfg.optim, ema=True)
 
         weights = cfg.losses.enabled()
         self.clip: ClipSemanticLoss | None = None
@@ -142,12 +183,80 @@ class DistillStage:
             Adversary(trainer, cfg.discriminator, in_channels=mc.autoencoder.embed_dim) if "adversarial" in weights else None
         )
 
-    def losses(self, hr: Tensor, step: int) -> Losses:
-        cfg = self.cfg
-        pair = make_pair(hr, self.degrader, self.trainer.generator, self.latents)
-        noise = torch.randn_like(pair.z_y)
+    def _resshift_teacher(self) -> SwinUNet:
+        """The paper's setting: a frozen multi-step ResShift teacher, whose UNet the student starts as."""
+        cfg, device = self.cfg, self.trainer.device
+        if cfg.teacher is None:
+            raise ConfigError("no teacher: pass --teacher REF (a registry entry of kind 'teacher') or set pixel_teacher")
+        entry = self.registry.resolve(cfg.teacher)
+        self.model_config = mc = entry.config()
+        if mc.kind == "autoencoder":
+            raise ConfigError(f"{entry.ref} is an autoencoder; the teacher must be a diffusion model")
+        unet_state, ae_state = entry.state_dicts()
+        self.teacher = SwinUNet.from_config(mc.unet)
+        load_into(self.teacher, unet_state, "teacher UNet")
+        self.teacher = self.teacher.to(device).eval().requires_grad_(False)
+        self.teacher_name = entry.ref
+        self.latents = build_codec(mc.autoencoder, ae_state, mc.diffusion, device)
+        self.teacher_steps: int | None = cfg.teacher_steps or mc.diffusion.steps
+        if self.teacher_steps > mc.diffusion.steps:
+            raise ConfigError(f"teacher_steps {cfg.teacher_steps} exceeds the teacher's {mc.diffusion.steps} diffusion steps")
+        self.degrader = Degrader(cfg.degradation)
+        self.bank: TeacherBank | None = None
+        student = SwinUNet.from_config(mc.unet)
+        load_into(student, unet_state, "teacher UNet")
+        return student
+
+    def _pixel_teacher(self, setup: PixelTeacherSetup) -> SwinUNet:
+        """A pixel-space teacher's bank, the autoencoder it names, and a student of the given architecture."""
+        ae_entry = self.registry.resolve(setup.autoencoder)
+        _, ae_state = ae_entry.state_dicts()
+        if not ae_state:
+            raise ConfigError(f"registry entry {ae_entry.ref} holds no autoencoder weights")
+        ae_config = ae_entry.config().autoencoder
+        if setup.unet.in_channels != ae_config.embed_dim or setup.unet.out_channels != ae_config.embed_dim:
+            raise ConfigError(f"pixel_teacher.unet in/out channels must be the autoencoder's embed_dim {ae_config.embed_dim}")
+        try:
+            self.bank = TeacherBank(setup.bank)
+        except FileNotFoundError as exc:
+            raise ConfigError(str(exc)) from None
+        crop = self.bank.lr.shape[-1] * setup.diffusion.sf
+        if crop != self.cfg.data.crop_size:
+            raise ConfigError(f"the bank's HR crops are {crop}²: set data.crop_size to {crop}")
+        self.model_config = ModelConfig(unet=setup.unet, autoencoder=ae_config, diffusion=setup.diffusion)
+        self.latents = build_codec(ae_config, ae_state, setup.diffusion, self.trainer.device)
+        self.teacher_name = f"{self.bank.meta['teacher']} (bank {Path(setup.bank).name}, {len(self.bank)} triples)"
+        self.teacher_steps = None
+        student = SwinUNet.from_config(setup.unet)
+        self.init_from = setup.init_from and warm_start(student, self.registry, setup.init_from, "unet", self.trainer.notice)
+        return student
+
+    def batches(self, start_batch: int) -> Iterator[tuple[Tensor, Tensor, Tensor]] | None:
+        """A pixel teacher's triples (``None``: the trainer's HR crops, degraded on the fly)."""
+        if self.bank is None:
+            return None
+        data = self.cfg.data
+        return self.bank.batches(data.batch_size, data.seed, start_batch)
+
+    def targets(self, batch: Tensor | tuple[Tensor, Tensor, Tensor]) -> tuple[Pair, Tensor, Tensor, Tensor | None]:
+        """The training pair, the noise of x_T, the teacher's latent ``z_tch`` (from that same x_T for
+        a ResShift teacher) and, for a pixel teacher, its image in [-1, 1]."""
+        if self.bank is None:
+            pair = make_pair(batch, self.degrader, self.trainer.generator, self.latents)  # type: ignore[arg-type]
+            noise = torch.randn_like(pair.z_y)
+            with torch.no_grad():
+                z_tch = sample(self.teacher, self.schedule, pair.z_y, pair.lq, noise, self.teacher_steps).float()  # type: ignore[arg-type]
+            return pair, noise, z_tch, None
+        device = self.trainer.device
+        lr, teacher, hr = (x.to(device) * 2 - 1 for x in batch)
         with torch.no_grad():
-            z_tch = sample(self.teacher, self.schedule, pair.z_y, pair.lq, noise, self.teacher_steps).float()
+            pair = Pair(lq=lr, z_y=self.latents.encode_lr(lr).float(), z0=self.latents.encode(hr).float(), hr=hr)
+            z_tch = self.latents.encode(teacher).float()
+        return pair, torch.randn_like(pair.z_y), z_tch, teacher
+
+    def losses(self, batch: Tensor | tuple[Tensor, Tensor, Tensor], step: int) -> Losses:
+        cfg = self.cfg
+        pair, noise, z_tch, teacher_image = self.targets(batch)
         z_stu = sample(self.student.net, self.schedule, pair.z_y, pair.lq, noise, 1).float()
 
         terms: dict[str, Tensor] = {}
@@ -155,14 +264,22 @@ class DistillStage:
             terms["distill"] = distill_loss(z_tch, z_stu)
         if cfg.losses.fidelity.enabled:
             terms["fidelity"] = F.mse_loss(z_stu, pair.z0)
-        if cfg.losses.hfp.enabled:
-            # Outside autocast: pytorch_wavelets' autograd function fails in backward on half-precision grads.
-            with torch.autocast(hr.device.type, enabled=False):
+        decoded = self.latents.decode(z_stu) if self.clip is not None or teacher_image is not None else None
+        # Outside autocast: pytorch_wavelets' autograd function fails in backward on half-precision grads.
+        with torch.autocast(z_stu.device.type, enabled=False):
+            if cfg.losses.hfp.enabled:
                 terms["hfp"] = hfp_loss(z_stu, z_tch)
+            if teacher_image is not None and decoded is not None:
+                image = decoded.float()
+                if cfg.losses.pixel.enabled:
+                    terms["pixel"] = (image - teacher_image).abs().mean()
+                if cfg.losses.pixel_hfp.enabled:
+                    detail = high_frequency_bands(image) - high_frequency_bands(teacher_image)
+                    terms["pixel_hfp"] = detail.abs().mean()
         if self.clip is not None:
-            terms["semantic"] = self.clip(self.latents.decode(z_stu), pair.hr)
+            terms["semantic"] = self.clip(decoded, pair.hr)
         adversarial = self.adversary is not None and self.adversary.active(step)
-        weights: dict[str, float | Tensor] = dict(cfg.losses.enabled())
+        weights: dict[str, float | Tensor] = dict(cfg.losses.student_terms())
         if adversarial:
             balance = (terms["distill"], self.student.module.out[-1].weight) if cfg.adaptive_weight else None
             weights["adversarial"], terms["adversarial"] = self.adversary.generator_term(  # type: ignore[union-attr]
@@ -175,14 +292,23 @@ class DistillStage:
         minimise = {KIND: total}
         if adversarial:
             minimise["discriminator"] = log["loss/discriminator"] = self.adversary.discriminator_loss(pair.z0, z_stu)  # type: ignore[union-attr]
+        if self.decoder is not None and teacher_image is not None:
+            minimise[DECODER] = log["loss/decoder"] = cfg.losses.decoder.weight * self.decoder_loss(z_tch, teacher_image)
         return Losses(minimise, log)  # type: ignore[arg-type]
+
+    def decoder_loss(self, z_tch: Tensor, teacher_image: Tensor) -> Tensor:
+        """L1 + Haar-detail L1 of the decoded teacher latent against the teacher's image."""
+        image = self.latents.decode(z_tch).float()
+        with torch.autocast(image.device.type, enabled=False):
+            detail = high_frequency_bands(image) - high_frequency_bands(teacher_image)
+        return (image - teacher_image).abs().mean() + detail.abs().mean()
 
     def publish(self) -> RegistryEntry:
         cfg = self.cfg
         clip = cfg.clip
         provenance = {
             "source": "vpdsr train distill",
-            "teacher": self.teacher_entry.ref,
+            "teacher": self.teacher_name,
             "teacher_steps": self.teacher_steps,
             "losses": cfg.losses.enabled(),
             "clip": {"model_name": clip.model_name, "weights": Path(clip.pretrained_path).name if clip.pretrained_path else None}
@@ -190,6 +316,9 @@ class DistillStage:
             else None,
             "discriminator": to_plain(cfg.discriminator) if self.adversary is not None else None,
         }
+        if self.bank is not None:
+            provenance["teacher_bank"] = self.bank.meta | {"triples": len(self.bank)}
+            provenance["init_from"] = self.init_from
         config = ModelConfig(
             unet=self.model_config.unet,
             autoencoder=self.model_config.autoencoder,
@@ -200,9 +329,8 @@ class DistillStage:
         )
         version = self.registry.next_version(cfg.name)
         aliases = (self.alias,) if self.alias else ()
-        return self.registry.save(
-            cfg.name, version, config, self.trainer.weights(KIND), self.latents.autoencoder.state_dict(), aliases=aliases
-        )
+        autoencoder = self.trainer.weights(DECODER) if self.decoder is not None else self.latents.autoencoder.state_dict()
+        return self.registry.save(cfg.name, version, config, self.trainer.weights(KIND), autoencoder, aliases=aliases)
 
 
 def train(

@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from model.device import cpu_bf16_units
 from model.errors import CheckpointError
 from model.provenance import git_commit
 from model.registry import RegistryEntry
@@ -94,7 +95,9 @@ class RunConfig(Config):
     grad_accum: int = Field(1, ge=1)
     seed: int = 0
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    """``auto``: bf16 autocast on CUDA, fp32 elsewhere. fp16 adds a dynamic grad scaler."""
+    """``auto``: bf16 autocast on CUDA and on CPUs with bf16 matrix units (AMX, AVX-512 BF16), fp32
+    elsewhere (emulated bf16 is slower than fp32). fp16 adds a dynamic grad scaler. Loss parts that
+    need fp32 (VQ distances, wavelet bands, GroupNorm statistics) leave autocast themselves."""
     ema_decay: float | None = 0.999
     """Decay of the published EMA weights; ``None`` publishes the raw weights (no EMA copy)."""
     log_every: int = Field(10, ge=1)
@@ -132,8 +135,10 @@ class Losses:
 
 
 class Objective(Protocol):
-    def losses(self, hr: Tensor, step: int) -> Losses:
-        """``hr``: ``(B, 3, crop, crop)`` in [0, 1] on the training device; ``step``: optimiser step."""
+    def losses(self, hr: Any, step: int) -> Losses:
+        """``hr``: ``(B, 3, crop, crop)`` in [0, 1] on the training device, or a batch of the
+        objective's own stream (an optional ``batches(start_batch) -> Iterator | None`` method: the
+        trainer uses it when it returns an iterator); ``step``: optimiser step."""
         ...
 
 
@@ -180,13 +185,16 @@ class Trainer:
         self.out_dir = run.out_dir
         self.seed_rank(_derived_seed(run.seed, self.dist.rank))
         if run.precision == "auto":
-            self.amp_dtype = torch.bfloat16 if self.device.type == "cuda" else None
+            self.amp_dtype = torch.bfloat16 if self.device.type == "cuda" or cpu_bf16_units() else None
         else:
             self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[run.precision]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
+        # oneDNN's bf16 convolutions are the fast ones in channels-last (2.2× over contiguous on
+        # this project's AMX CPU, docs/training.md); weights in that layout pull activations along.
+        self.memory_format = torch.channels_last if self.amp_dtype is not None else torch.contiguous_format
         self.parts: dict[str, Part] = {}
         self.step = 0
         self.elapsed = 0.0
@@ -214,7 +222,7 @@ class Trainer:
 
     def add_part(self, name: str, module: nn.Module, optim: OptimConfig, ema: bool = False) -> Part:
         """Register a network to train; call before :meth:`resume` and :meth:`fit`."""
-        module = module.to(self.device).train()
+        module = module.to(self.device, memory_format=self.memory_format).train()
         net: nn.Module = module
         if self.dist.enabled:
             net = DistributedDataParallel(module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
@@ -253,12 +261,15 @@ class Trainer:
     # -- the loop --------------------------------------------------------------------------------
     def fit(self, objective: Objective, data: DataConfig) -> None:
         """Train from :attr:`step` to ``run.steps`` (or until ``run.max_minutes``), logging and
-        checkpointing on the way."""
+        checkpointing on the way. Batches are ``data``'s HR crops, unless the objective brings its
+        own stream (the optional ``batches`` method of :class:`Objective`, e.g. a pixel teacher's bank of triples)."""
         run = self.run
-        batches = hr_batches(
-            data, self.device, rank=self.dist.rank, world_size=self.dist.world_size,
-            start_batch=self.step * run.grad_accum,
-        )
+        start_batch = self.step * run.grad_accum
+        batches = objective.batches(start_batch) if hasattr(objective, "batches") else None
+        if batches is None:
+            batches = hr_batches(
+                data, self.device, rank=self.dist.rank, world_size=self.dist.world_size, start_batch=start_batch
+            )
         samples_per_step = data.batch_size * run.grad_accum * self.dist.world_size
         log = self._open_metrics() if self.is_main else None
         planned = self.planned_steps()
@@ -304,10 +315,10 @@ class Trainer:
         budget = run.max_minutes * 60
         if elapsed >= budget:
             return self.step
-        return max(self.step + 1, min(run.steps, round(self.step * budget / elapsed)))
+        return min(run.steps, max(self.step + 1, round(self.step * budget / elapsed)))
 
     def train_step(
-        self, objective: Objective, batches: Iterator[Tensor], total_steps: int | None = None
+        self, objective: Objective, batches: Iterator[Any], total_steps: int | None = None
     ) -> tuple[dict[str, float], dict[str, Tensor]]:
         """One optimiser step of every part at :attr:`step` (which the caller advances) of a run of
         ``total_steps`` (default ``run.steps``): learning rates, ``grad_accum`` micro-batches
@@ -325,7 +336,7 @@ class Trainer:
                 group["lr"] = lrs[name]
         return lrs
 
-    def _accumulate(self, objective: Objective, batches: Iterator[Tensor]) -> tuple[dict[str, Tensor], list[str]]:
+    def _accumulate(self, objective: Objective, batches: Iterator[Any]) -> tuple[dict[str, Tensor], list[str]]:
         """Forward and backward ``grad_accum`` micro-batches: the mean of their logged terms, and the
         parts that got a loss."""
         accum = self.run.grad_accum
@@ -333,6 +344,8 @@ class Trainer:
         stepping: list[str] = []
         for micro in range(accum):
             hr = next(batches)
+            if isinstance(hr, Tensor):
+                hr = hr.contiguous(memory_format=self.memory_format)
             with self._gradient_sync(micro == accum - 1):
                 with self.autocast():
                     out = objective.losses(hr, self.step)
