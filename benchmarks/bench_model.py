@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from model import ModelConfig, SRPipeline, SwinUNet, VQAutoencoder
@@ -68,10 +69,16 @@ class Timing:
 
 
 def path_options(label: str, device: torch.device, compile_mode: str | None, dtype: str = "bfloat16") -> dict[str, object]:
-    """SRPipeline options of a benchmark path; torch.compile only on CUDA (the CPU has no use for it here)."""
+    """SRPipeline options of a benchmark path; torch.compile only on CUDA here (on the CPU,
+    ``benchmarks/bench_cpu.py`` measures whether it pays). The eager paths keep the contiguous layout."""
     half = resolve_dtype(dtype)
     fast = dict(dtype=half, channels_last=True, compile_mode=compile_mode if device.type == "cuda" else None)
-    paths = {"eager-fp32": dict(dtype=torch.float32), "eager-bf16": dict(dtype=half), "optimised": fast, "teacher": fast}
+    paths = {
+        "eager-fp32": dict(dtype=torch.float32, channels_last=False),
+        "eager-bf16": dict(dtype=half, channels_last=False),
+        "optimised": fast,
+        "teacher": fast,
+    }
     return paths[label]
 
 
@@ -117,11 +124,21 @@ def timed(fn: Callable[[], object], device: torch.device, timing: Timing) -> lis
 
 
 def count_flops(pipe: SRPipeline, resolution: int, steps: int) -> float:
-    """FLOPs of one image (one tile of ``resolution`` LR pixels), on the eager path."""
-    lr = torch.zeros(1, 3, resolution, resolution, device=pipe.device)
-    noise = torch.zeros(1, pipe.config.autoencoder.embed_dim, resolution, resolution, device=pipe.device, dtype=pipe.dtype)
-    with FlopCounterMode(display=False) as counter, torch.inference_mode():
-        pipe._tiles_forward(lr, noise, steps)
+    """FLOPs of one tile of ``resolution`` LR pixels on the eager path, counted on fake tensors: no
+    time spent computing (on a CPU that takes as long as a timed run). The networks are a fresh,
+    uninitialised copy of ``pipe``'s architecture, so that no cache of ``pipe`` (the Swin
+    attention masks) ever holds a fake tensor."""
+    config, ls = pipe.config, pipe.latent_scale
+    with torch.device("meta"):
+        unet, autoencoder = SwinUNet.from_config(config.unet), VQAutoencoder.from_config(config.autoencoder)
+    shapes = SRPipeline(
+        config, unet.to_empty(device=pipe.device), autoencoder.to_empty(device=pipe.device), device=pipe.device,
+        dtype=torch.float32, channels_last=False, threads=pipe.threads,
+    )
+    with FakeTensorMode(allow_non_fake_inputs=True), FlopCounterMode(display=False) as counter, torch.inference_mode():
+        lr = torch.zeros(1, 3, resolution, resolution, device=pipe.device)
+        noise = torch.zeros(1, pipe.latent_channels, resolution * ls, resolution * ls, device=pipe.device)
+        shapes._tiles_forward(lr, noise, steps)
     return float(counter.get_total_flops())
 
 
@@ -143,7 +160,8 @@ def bench(pipe: SRPipeline, label: str, resolution: int, batch: int, steps: int,
     """Time one (resolution, batch) shape; ``flops`` per image from :func:`count_flops`."""
     device = pipe.device
     lr = torch.rand(batch, 3, resolution, resolution) * 2 - 1
-    noise = torch.randn(batch, pipe.config.autoencoder.embed_dim, resolution, resolution)
+    side = resolution * pipe.latent_scale
+    noise = torch.randn(batch, pipe.latent_channels, side, side)
     reset_peak_memory(device)
     times = timed(lambda: pipe.run_tiles(lr, noise, steps), device, timing)
     per_batch = statistics.median(times)

@@ -142,7 +142,7 @@ class SRPipeline:
         self.device = torch.device(device)
         self.dtype = resolve_dtype(dtype, self.device) if isinstance(dtype, str) else dtype
         if isinstance(channels_last, str):
-            channels_last = resolve_channels_last(channels_last, self.device)
+            channels_last = resolve_channels_last(channels_last)
         self.channels_last = channels_last
         self.threads = resolve_threads(threads)
         # CPU autocast keeps float32 weights: the half type only where a kernel gains from it.

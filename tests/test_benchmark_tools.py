@@ -1,15 +1,18 @@
-"""benchmarks/centre_crops.py and benchmarks/autoencoder_recon.py on fixture images and a tiny model."""
+"""benchmarks/centre_crops.py, benchmarks/autoencoder_recon.py and benchmarks/bench_cpu.py on fixture
+images and a tiny model."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import json
 import re
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from tests.conftest import FIXTURES, save_tiny_model
+from tests.conftest import FIXTURES, save_tiny_model, tiny_config
 
 BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 
@@ -38,3 +41,32 @@ def test_autoencoder_recon_prints_psnr_and_niqe_per_entry(tmp_path: Path, capsys
     assert module.main(["--registry", str(tmp_path / "registry"), "--data", str(data), "tiny"]) == 0
     line = capsys.readouterr().out.strip()
     assert re.fullmatch(r"tiny:1: PSNR-Y \d+\.\d\d NIQE \d+\.\d\d \(1 images of .*\)", line), line
+
+
+def test_bench_cpu_quick_reports_every_part_of_issue_28(tmp_path: Path) -> None:
+    """benchmarks/bench_cpu.py end to end on a tiny model (Real-ESRGAN aside: its 17 M parameters
+    take minutes on a small CPU; compare.py's tests cover loading it): the report's schema, not speed."""
+    registry = tmp_path / "registry"
+    save_tiny_model(registry, config=dataclasses.replace(tiny_config(), tile_sizes=(16,)))
+    out, table = tmp_path / "cpu.json", tmp_path / "cpu.md"
+    module = importlib.import_module("bench_cpu")
+    assert module.main([
+        "--quick", "--model", "tiny", "--registry", str(registry), "--no-full-size", "--sizes", "16",
+        "--parts", "ceiling,models,http,compile", "--compile-backend", "eager", "--out", str(out), "--markdown", str(table),
+    ]) == 0
+    report = json.loads(out.read_text())
+    for kernel in ("gemm", "conv3x3"):
+        assert set(report["ceiling"][kernel]) == {"float32", "bfloat16"}
+        assert all(rate > 0 for rates in report["ceiling"][kernel].values() for rate in rates.values())
+    (entry,) = report["models"]
+    assert [(row["path"], row["lr"], row["sr"], row["tile"]) for row in entry["rows"]] == [
+        ("float32", 16, 64, 16), ("fast", 16, 64, 16),
+    ]
+    assert entry["fast_path"]["channels_last"] and set(entry["tile_seconds"]) == {"16"}
+    assert all(row["gflop_per_image"] > 0 and row["ceiling_pct"] > 0 for row in entry["rows"])
+    assert entry["guard_psnr_db"]["16"] >= 40
+    http = report["http"]
+    assert http["ok"] == http["requests"] and http["healthz_p50_ms"] > 0 and "http_overhead_share" in http
+    assert [row["tile"] for row in report["compile"]["rows"]] == [16] and report["compile"]["verdict"]
+    assert {"fast_over_float32", "http_overhead_share", "healthz_p50_ms", "guard_min_psnr_db"} <= set(report["targets"])
+    assert "| tiny | fast" in table.read_text()
