@@ -3,7 +3,7 @@
 
 ``auto`` is the fast path of the machine at hand: bf16 where the hardware has matrix units for it
 (CUDA; CPUs with AMX or AVX-512 BF16), float32 where it does not; channels-last where the
-convolution kernels are the fast ones; as many threads as the cores this process may run on.
+convolution kernels are the fast ones; no more threads than the cores this process may run on.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ def cpu_bf16_units() -> bool:
     """Whether this CPU multiplies bf16 matrices in hardware: AMX tiles or AVX-512 BF16 dot products.
 
     oneDNN also runs bf16 on plain AVX-512 and AVX2 by emulation, which is slower than float32
-    (measured on an AVX2 EPYC: bf16 3×3 convolutions at a tenth of float32's rate and GEMM at a
-    hundredth, ``benchmarks/bench_cpu.py``), so only the native instructions count.
+    (measured on an AVX2 EPYC: bf16 3×3 convolutions at a tenth of float32's rate and GEMM at
+    under a fiftieth, ``benchmarks/bench_cpu.py``), so only the native instructions count.
     """
     probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
     return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
@@ -54,7 +54,7 @@ def resolve_dtype(name: str, device: torch.device | None = None) -> torch.dtype:
     return DTYPES[name]
 
 
-def resolve_channels_last(name: str, device: torch.device) -> bool:
+def resolve_channels_last(name: str) -> bool:
     """``auto`` is on everywhere the model runs: cuDNN's and oneDNN's channels-last convolutions are
     the fast ones (the autoencoder's convolutions are nine tenths of the work). On the CPU a 3×3
     convolution runs 1.3× faster in float32 and 2.2× faster in bf16 (issue 28); ``false`` keeps

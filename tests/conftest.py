@@ -20,6 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
+from model import device
 from model.config import AutoencoderConfig, DDConfig, ModelConfig, UNetConfig
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -38,6 +39,17 @@ TINY_UNET = UNetConfig(
 TINY_AUTOENCODER = AutoencoderConfig(
     embed_dim=3, n_embed=64, ddconfig=DDConfig(resolution=32, ch=32, ch_mult=(1, 1, 2), num_res_blocks=1)
 )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def float32_auto_on_every_cpu() -> Iterator[None]:
+    """``auto`` resolves to float32 on the CPU in every test, whether or not the test machine has bf16
+    units, so that tolerances and reproducibility checks do not depend on the host; the tests of the
+    CPU fast path (tests/test_cpu_path.py, test_fast_path.py) mock the probe themselves. Servers
+    started as subprocesses use the real probe."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(device, "cpu_bf16_units", lambda: False)
+        yield
 
 
 def tiny_config(kind: str = "student", inference_steps: int = 1) -> ModelConfig:
