@@ -177,6 +177,8 @@ def registry_copy(args: argparse.Namespace) -> int:
         metrics = None  # they were measured with the old decoder
     if args.tile_sizes:
         config = dataclasses.replace(config, tile_sizes=tuple(int(t) for t in args.tile_sizes.split(",")))
+    if args.color_fix:
+        config = dataclasses.replace(config, color_fix=args.color_fix)
     target = Registry(args.registry)
     version = args.version or target.next_version(entry.name)
     copied = target.save(
@@ -241,6 +243,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--alias", default=None, help="alias to point at the copy, e.g. production")
     p.add_argument("--dtype", choices=["float16", "bfloat16"], default=None, help="store weights in half precision")
     p.add_argument("--tile-sizes", default=None, metavar="N,N", help="LR tile buckets to serve with, e.g. 32,64")
+    p.add_argument("--color-fix", choices=["none", "wavelet"], default=None,
+                   help="take each output tile's colour from the bicubic-upscaled input (model.color)")
     p.add_argument("--autoencoder", default=None, metavar="REF",
                    help="take the decoder from this source-registry entry (a decoder_only fine-tune of the "
                    "model's own autoencoder)")

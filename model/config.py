@@ -115,6 +115,10 @@ class ModelConfig:
     tile_sizes: tuple[int, ...] = ()
     """LR tile sizes (shape buckets) to run; empty = (image_size, 2 × image_size) of the UNet. Small
     CPU models want small tiles: the VQGAN's mid-block attention is global over a tile's latent."""
+    color_fix: Literal["none", "wavelet"] = "none"
+    """``wavelet``: every output tile keeps its own high frequencies and takes its low frequencies (its
+    colour) from the bicubic-upscaled input (:mod:`model.color`). For small CPU-trained models, whose
+    decoders shift colours; the official ResShift models need none."""
     provenance: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:

@@ -42,9 +42,13 @@ class LatentCodec:
         image = image.to(dtype).contiguous(memory_format=self.memory_format)
         return self.autoencoder.encode(image) * self.latent_scaling
 
+    def upsample(self, lr: Tensor) -> Tensor:
+        """The LR image upsampled ×upscale with bicubic interpolation (in float32): what z_y encodes."""
+        return F.interpolate(lr.float(), scale_factor=self.upscale, mode="bicubic", align_corners=False)
+
     def encode_lr(self, lr: Tensor) -> Tensor:
-        """z_y: latent of the LR image upsampled ×upscale with bicubic interpolation (in float32)."""
-        return self.encode(F.interpolate(lr.float(), scale_factor=self.upscale, mode="bicubic", align_corners=False))
+        """z_y: latent of the LR image upsampled ×upscale (:meth:`upsample`)."""
+        return self.encode(self.upsample(lr))
 
     def decode(self, z: Tensor) -> Tensor:
         """Image in about [-1, 1]; differentiable in ``z`` (straight-through quantisation)."""

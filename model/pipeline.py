@@ -28,6 +28,7 @@ from PIL import Image
 from torch import Tensor
 
 from .autoencoder import VQAutoencoder
+from .color import color_fix
 from .config import ModelConfig
 from .checkpoint import load_into
 from .device import resolve_channels_last, resolve_dtype, resolve_threads
@@ -301,9 +302,10 @@ class SRPipeline:
 
     def _tiles_forward(self, lr: Tensor, noise: Tensor, steps: int) -> Tensor:
         with torch.autocast(self.device.type, self.dtype) if self.autocast else contextlib.nullcontext():
-            z_y = self.codec.encode_lr(lr)
-            x0 = sample(self.unet, self.schedule, z_y, lr.to(self.weight_dtype), noise, steps)
-            return self.codec.decode(x0)
+            upscaled = self.codec.upsample(lr)
+            x0 = sample(self.unet, self.schedule, self.codec.encode(upscaled), lr.to(self.weight_dtype), noise, steps)
+            sr = self.codec.decode(x0)
+        return color_fix(sr.float(), upscaled) if self.config.color_fix == "wavelet" else sr
 
     # -- convenience -----------------------------------------------------------------------------
     def __call__(
