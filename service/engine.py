@@ -12,15 +12,18 @@ Admission is by cost, decided from the image size alone before any pixel is plan
 - the engine knows the seconds per tile of each tile bucket (timed at warm-up, then an EWMA of
   every batch), so it estimates a request's compute as tiles × seconds per tile;
 - an interactive request that could not finish within ``request_timeout_s`` even on an idle
-  server, or that has more tiles than ``max_queue``, is refused at once: 413
-  (:class:`TooLargeForSync`), pointing to ``/v1/jobs`` when Redis is configured;
+  server (or, when ``max_queue`` is set, has more tiles than that) is refused at once: 413
+  (:class:`TooLargeForSync`), whose message gives the largest image of that shape that would fit
+  and what to do instead (``/v1/jobs`` when Redis is configured, ``vpdsr upscale``, the setting).
+  The limit is the measured speed times the timeout, not a tile count: it follows the machine and
+  the model's tile sizes;
 - one that could finish, but not behind the interactive tiles already waiting, gets 429
   (:class:`TileQueueFull`) with a ``Retry-After`` from the estimate, never above the timeout;
 - background work (jobs) is never refused for being busy: its tiles enter the batcher in chunks
-  while the background share of the queue (half of ``max_queue``) has room, so an image of any
-  size within the pixel limits completes, and the wait is not bounded by a deadline. Interactive
-  tiles always run first. :meth:`InferenceEngine.background_ready` lets a job consumer take a job
-  only when there is room for it.
+  while the background share of the queue (half of ``max_queue``, 128 tiles when unset) has room,
+  so an image of any size within the pixel limits completes, and the wait is not bounded by a
+  deadline. Interactive tiles always run first. :meth:`InferenceEngine.background_ready` lets a
+  job consumer take a job only when there is room for it.
 
 Other guarantees:
 
@@ -39,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -56,7 +60,7 @@ from model.pipeline import Tile, TilePlan
 from model.seeds import resolve_seed
 
 from .batcher import Batch, Batcher, BatchKey, Priority, warm_batch_sizes
-from .costs import TileCosts
+from .costs import TileCosts, largest_fitting
 from .errors import (
     ComputeFailed,
     ComputeOutOfMemory,
@@ -302,7 +306,7 @@ class InferenceEngine:
         resolved = self.resolve_options(options)
         pipe, steps = resolved.pipe, resolved.steps
         tiles, seconds = self._estimate(resolved, image.width, image.height)
-        self._admit(priority, tiles, seconds)
+        self._admit(priority, tiles, seconds, (resolved, image.width, image.height))
         # Admitted interactive work holds its place while it is planned, so a burst of requests
         # cannot all pass admission before any of them reaches the batcher.
         cost = (tiles, seconds) if priority is Priority.INTERACTIVE else (0, 0.0)
@@ -327,6 +331,13 @@ class InferenceEngine:
         except TimeoutError:
             if work.started_at is None:
                 raise QueueTimeout("the request could not start before its timeout", self.retry_after()) from None
+            if priority is Priority.INTERACTIVE:  # its batches have measured the cost meanwhile
+                measured = self._estimate(resolved, image.width, image.height)[1]
+                raise ComputeTimeout(
+                    f"the request did not finish within the {self.settings.request_timeout_s:g} s a synchronous "
+                    f"request may take (VPDSR_REQUEST_TIMEOUT_S); this image needs an estimated {measured:.0f} s "
+                    f"here. {self._sync_advice(measured)}"
+                ) from None
             raise ComputeTimeout("the request did not finish before its timeout") from None
         finally:
             if feeder is not None:
@@ -343,7 +354,8 @@ class InferenceEngine:
         self.metrics.compute.observe(compute_seconds)
         return UpscaleResult(result, plan.seed, steps, queue_seconds, compute_seconds, pipe.name, pipe.version)
 
-    def _admit(self, priority: Priority, tiles: int, seconds: float) -> None:
+    def _admit(self, priority: Priority, tiles: int, seconds: float,
+               shape: tuple[Resolved, int, int] | None = None) -> None:
         """Refuse an interactive request that cannot finish in time (413) or not behind the queue (429).
         Background work is never refused for load (it waits for room in :meth:`_feed`), only for a
         cost over ``job_max_tiles`` (413), which would hold a worker for hours."""
@@ -356,29 +368,56 @@ class InferenceEngine:
                 )
             return
         limit = self.settings.request_timeout_s
-        if tiles > self.settings.max_queue or seconds > limit:
-            too_much = (
-                f"more than the {self.settings.max_queue} tiles a synchronous request may queue (VPDSR_MAX_QUEUE)"
-                if tiles > self.settings.max_queue
-                else f"more than the {limit:g} s a synchronous request may take (VPDSR_REQUEST_TIMEOUT_S)"
-            )
-            how = (
-                "send the same request to POST /v1/jobs: a job has no time limit, poll it for the result"
-                if self.settings.jobs_enabled
-                else "run `vpdsr upscale` on your own machine, send a smaller image, or ask the operator for the "
-                "job queue (VPDSR_REDIS_URL) or a higher limit"
-            )
-            raise TooLargeForSync(
-                f"this image is {tiles} tiles, an estimated {seconds:.1f} s of compute on this server (measured "
-                f"{seconds / tiles:.3g} s per tile), {too_much}. To get it done: {how}"
-            )
+        max_tiles = self.settings.max_queue  # None: bounded by the measured time alone
+        if seconds > limit or (max_tiles is not None and tiles > max_tiles):
+            raise self._too_large_for_sync(tiles, seconds, shape)
         waiting = self._batcher.waiting[Priority.INTERACTIVE] + self._planning[0]
         ahead = self._queued_seconds(Priority.INTERACTIVE) + self._planning[1]
-        if waiting + tiles > self.settings.max_queue or ahead + seconds > limit:
+        if ahead + seconds > limit or (max_tiles is not None and waiting + tiles > max_tiles):
             raise TileQueueFull(
                 f"busy: {waiting} tiles (about {ahead:.0f} s) are waiting ahead of this image's {tiles}; retry later",
                 min(limit, max(1.0, ahead + seconds - limit)),
             )
+
+    def _too_large_for_sync(self, tiles: int, seconds: float, shape: tuple[Resolved, int, int] | None) -> TooLargeForSync:
+        """The 413 of an interactive request over the synchronous limit: the estimate it was refused
+        on, the largest image of its shape that fits on this server now, and what to do instead."""
+        limit, max_tiles = self.settings.request_timeout_s, self.settings.max_queue
+        if max_tiles is not None and tiles > max_tiles:
+            too_much = f"more than the {max_tiles} tiles a synchronous request may queue (VPDSR_MAX_QUEUE)"
+        else:
+            too_much = f"more than the {limit:g} s a synchronous request may take (VPDSR_REQUEST_TIMEOUT_S)"
+        fits = ""
+        if shape is not None:
+            resolved, width, height = shape
+
+            def fitting(w: int, h: int) -> bool:
+                n, s = self._estimate(resolved, w, h)
+                return s <= limit and (max_tiles is None or n <= max_tiles)
+
+            most = largest_fitting(fitting, width, height)
+            if most != (0, 0):
+                fits = f"; a synchronous request here takes images of this shape up to about {most[0]}×{most[1]}"
+            size = f"this {width}×{height} image"
+        else:
+            size = "this image"
+        return TooLargeForSync(
+            f"{size} is {tiles} tiles, an estimated {seconds:.1f} s of compute on this server (measured "
+            f"{seconds / max(tiles, 1):.3g} s per tile), {too_much}{fits}. {self._sync_advice(seconds, tiles)}"
+        )
+
+    def _sync_advice(self, seconds: float, tiles: int | None = None) -> str:
+        """What to do with an image too large for a synchronous request on this server."""
+        local = ("run `vpdsr upscale INPUT OUTPUT` where the model is installed (the same model, "
+                 "no time limit, with a progress bar)")
+        if self.settings.jobs_enabled:
+            return ("To get it done: send the same request to POST /v1/jobs (a job has no time limit; poll it "
+                    f"for the result), or {local}")
+        setting = f"VPDSR_REQUEST_TIMEOUT_S above {math.ceil(seconds * 1.5)}"
+        if self.settings.max_queue is not None and tiles is not None and tiles > self.settings.max_queue:
+            setting = f"VPDSR_MAX_QUEUE to {tiles} or more"
+        return (f"To get it done: {local}; or ask the server's operator for the job queue (VPDSR_REDIS_URL, then "
+                f"POST /v1/jobs) or a higher limit ({setting}); or send a smaller image")
 
     async def _feed(self, work: _Work) -> None:
         """Put background work's tiles into the batcher chunk by chunk, as its part of the
@@ -394,8 +433,9 @@ class InferenceEngine:
             self._wake.set()
 
     def _background_share(self) -> int:
-        """Tiles background work may have waiting: half of ``max_queue``, at least one."""
-        return max(1, self.settings.max_queue // 2)
+        """Tiles background work may have waiting: half of ``max_queue`` (of 256 when it is unset),
+        at least one."""
+        return max(1, (self.settings.max_queue or 256) // 2)
 
     def _background_room(self) -> int:
         """Tiles the background share of the queue can take now."""

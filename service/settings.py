@@ -57,8 +57,14 @@ class Settings(BaseSettings):
     # -- dynamic batching and admission -----------------------------------------------------------
     max_batch_size: int = Field(8, ge=1, le=256, description="tiles per model call")
     max_delay_ms: float = Field(10, ge=0, description="longest a tile waits for its batch to fill")
-    max_queue: int = Field(256, ge=1, description="tiles waiting before new requests get 429")
-    request_timeout_s: float = Field(60, gt=0, description="queue + compute limit of a synchronous request")
+    max_queue: int | None = Field(
+        None, ge=1, description="interactive tiles that may wait (429 beyond it, 413 for a request of more); unset: "
+        "no tile count, synchronous requests are bounded by their measured compute time (request_timeout_s)",
+    )
+    request_timeout_s: float = Field(
+        60, gt=0, description="queue + compute limit of a synchronous request; a request whose compute, estimated "
+        "from the speed measured on this server, exceeds it gets 413 at once",
+    )
 
     # -- input limits -----------------------------------------------------------------------------
     max_body_bytes: int = Field(25 * MB, ge=1)

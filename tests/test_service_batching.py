@@ -241,7 +241,7 @@ async def test_sync_admission_by_estimated_cost(tiny_registry: Path, tiny_pipe: 
                                   redis_url="redis://127.0.0.1:1/0")
     try:
         engine._costs.warmed({tile: 0.2 for tile in tiny_pipe.tile_sizes}, tiny_pipe.config.inference_steps)
-        assert engine.estimate(64, 64) == (25, pytest.approx(5.0))
+        assert engine.estimate(64, 64) == (25, pytest.approx(5.0, rel=1e-3))  # decays a little meanwhile
         started = time.monotonic()
         with pytest.raises(TooLargeForSync) as too_large:
             await engine.upscale(image(width=64, height=64))

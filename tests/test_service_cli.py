@@ -43,7 +43,7 @@ def test_settings_defaults_and_validation(monkeypatch: pytest.MonkeyPatch) -> No
     assert (settings.model, settings.host, settings.port, settings.device) == (
         "vpdsr-small@production", "127.0.0.1", 8000, "auto"
     )
-    assert (settings.max_batch_size, settings.max_delay_ms, settings.max_queue) == (8, 10, 256)
+    assert (settings.max_batch_size, settings.max_delay_ms, settings.max_queue) == (8, 10, None)
     assert settings.api_keys == [] and settings.redis_url is None and settings.metrics_port == 9100
     connections = (settings.max_connections, settings.keep_alive_timeout_s, settings.shutdown_timeout_s)
     assert connections == (64, 5, 20) and (settings.body_idle_timeout_s, settings.body_timeout_s) == (20, 120)

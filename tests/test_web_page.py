@@ -170,3 +170,16 @@ def test_large_image_goes_through_a_job(browser: Any, tiny_registry: Path, photo
         assert "background job" in by_id(browser, "result-info").text
         width, height = Image.open(photo).size
         assert result_size(browser) == (4 * width, 4 * height)
+
+
+def test_too_large_without_a_job_queue_says_what_to_do(browser: Any, tiny_registry: Path, photo: Path) -> None:
+    """No job queue (a default `vpdsr serve`): a 413 too_large_for_sync names what works instead,
+    not only "try a smaller image". (max_queue 1 makes the photo too large whatever the speed.)"""
+    with live_server(serve(tiny_registry, max_queue=1), torch_threads=1) as base:
+        upload(browser, base, photo)
+        assert by_id(browser, "error").is_displayed()
+        said = by_id(browser, "error").text
+        assert "vpdsr upscale" in said and "job queue" in said, said
+        detail = by_id(browser, "error-detail").text
+        assert "too_large_for_sync" in detail and "`vpdsr upscale INPUT OUTPUT`" in detail, detail
+        assert "up to about" in detail, detail

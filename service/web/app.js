@@ -1,8 +1,8 @@
 // The web page's only script: upload an image, show the result against a bicubic enlargement.
 //
 // It uses the public API as any client would (docs/service.md): POST /v1/upscale, and for an
-// image too large for a synchronous request (413 too_large_for_sync) POST /v1/jobs, polling the
-// job until its result is ready. GET /ui-config says whether an API key is needed and whether
+// image too large for a synchronous request (413 too_large_for_sync, or 504 timeout) POST
+// /v1/jobs, polling the job until its result is ready. GET /ui-config says whether an API key is needed and whether
 // the job queue exists. No framework and no build step: this file is served as it is.
 "use strict";
 
@@ -16,8 +16,12 @@ const PLAIN = {
   bad_request: "The file could not be read as an image: it may be damaged or cut short.",
   unsupported_media_type: "This file is not an image the server can read. Use PNG, JPEG, WebP, GIF, BMP or TIFF.",
   payload_too_large: "The image is too large for this server.",
-  too_large_for_sync: "This image needs more time than one request may take, and this server has no job queue " +
-    "for large images. Try a smaller image.",
+  too_large_for_sync: "This image needs more compute than one request may take on this server, and the server " +
+    "has no job queue for large images. What to do instead: run vpdsr upscale on your own machine (no time " +
+    "limit), ask the operator for the job queue or a higher limit, or send a smaller image (the server's " +
+    "message below says how large).",
+  timeout: "The image took longer than one request may take on this server. The server's message below " +
+    "says what to do instead.",
   unauthorized: "The server needs a valid API key. Enter it above, then try again.",
   invalid_parameter: "One of the options is not accepted by this server.",
   request_timeout: "The upload was too slow and the server gave up on it.",
@@ -26,7 +30,6 @@ const PLAIN = {
   queue_timeout: "The server was too busy to start on the image in time.",
   not_ready: "The model is still loading, or the server is shutting down. Try again in a minute.",
   out_of_memory: "The server ran out of memory on this image. Try a smaller image.",
-  timeout: "The image took too long to process.",
   jobs_disabled: "This server has no job queue for large images. Try a smaller image.",
   jobs_unavailable: "The job queue is unreachable at the moment.",
   job_failed: "The server could not upscale this image.",
@@ -109,7 +112,8 @@ async function upscale(file, form) {
     showBusy("Upscaling…");
     return { response: await withRetries(send("/v1/upscale"), waiting), viaJob: false };
   } catch (err) {
-    if (err.code !== "too_large_for_sync" || !state.config.jobs) throw err;
+    // Too large, or (estimated too low, after an idle spell) it ran out of time: a job has no limit.
+    if (!["too_large_for_sync", "timeout"].includes(err.code) || !state.config.jobs) throw err;
   }
   showBusy("This image is large: it goes to the job queue…");
   // One key for every resend: a retried submission finds its job instead of queuing a second one.
