@@ -76,10 +76,12 @@ driver = "overlay"
 graphroot = "$WORK/storage"
 runroot = "$WORK/run"
 EOF
-hard() { local n; n=$(ulimit -H "$1"); [ "$n" = unlimited ] && n=1048576; echo "$n:$n"; }
+# Container ulimits: the host's hard limits, and no more than the kernel allows (an nproc above
+# pid_max is refused on some VMs: "error setting rlimit type 6").
+limit() { local n; n=$(ulimit -H "$1"); [ "$n" = unlimited ] || (("$n" > $2)) && n=$2; echo "$n:$n"; }
 cat >"$CONTAINERS_CONF" <<EOF
 [containers]
-default_ulimits = ["nofile=$(hard -n)", "nproc=$(hard -u)"]
+default_ulimits = ["nofile=$(limit -n "$(cat /proc/sys/fs/nr_open)")", "nproc=$(limit -u "$(cat /proc/sys/kernel/pid_max)")"]
 [engine]
 runtime = "runc"
 cgroup_manager = "cgroupfs"
