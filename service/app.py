@@ -15,17 +15,17 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from jobqueue.metrics import JobMetrics
+
 from .body_timeout import BodyTimeoutMiddleware
 from .connections import RequestLimitMiddleware
 from .engine import InferenceEngine
 from .errors import install_error_handlers
-from .jobs import api as jobs_api
 from .jobs.processor import consume_with_engine
-from .jobs.prometheus import JobMetrics
 from .jobs.runtime import JobSystem
 from .methods import HeadAsGetMiddleware
 from .prometheus import Metrics, RequestMetricsMiddleware
-from .routes import health, models, upscale, web
+from .routes import health, jobs as jobs_api, models, upscale, web
 from .settings import Settings
 
 log = logging.getLogger("vpdsr.service")

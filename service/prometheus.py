@@ -2,7 +2,7 @@
 
 All metrics live on one :class:`~prometheus_client.CollectorRegistry` per :class:`Metrics`
 object (not the process-global default), so several apps in one process — tests, or the API
-next to an in-process job consumer — never collide. The job metrics of ``service/jobs`` are
+next to an in-process job consumer — never collide. The job metrics (:mod:`jobqueue.metrics`) are
 registered on the same ``Metrics.registry`` and come out of the same ``/metrics``.
 
 One process per GPU (uvicorn ``workers=1``), scaled out with more containers / pods, so no

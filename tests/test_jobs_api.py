@@ -16,10 +16,10 @@ from PIL import Image
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
-from service.jobs.consumer import JobConsumer, JobInput, JobOutput
-from service.jobs.keys import STREAM
-from service.jobs.prometheus import JobMetrics
-from service.jobs.queue import Hold, JobQueue
+from jobqueue.consumer import JobConsumer, JobInput, JobOutput
+from jobqueue.keys import STREAM
+from jobqueue.metrics import JobMetrics
+from jobqueue.queue import Hold, JobQueue
 from service.settings import Settings
 from tests.conftest import RedisServer, free_port
 from tests.conftest import random_png as png

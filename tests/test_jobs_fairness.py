@@ -14,7 +14,7 @@ import httpx
 import pytest
 from redis import Redis
 
-from service.jobs.keys import GROUP, STREAM
+from jobqueue.keys import GROUP, STREAM
 from tests.conftest import RedisServer, save_tiny_model
 from tests.conftest import random_png as png
 from tests.live import live_server

@@ -16,10 +16,10 @@ from redis.asyncio import Redis
 
 from model import SRPipeline
 from service.engine import InferenceEngine, load_pipeline
-from service.jobs.consumer import JobConsumer
-from service.jobs.prometheus import JobMetrics
+from jobqueue.consumer import JobConsumer
+from jobqueue.metrics import JobMetrics
 from service.jobs.processor import make_processor
-from service.jobs.queue import JobQueue
+from jobqueue.queue import JobQueue
 from service.prometheus import Metrics
 from service.settings import Settings
 from tests.conftest import random_png as png

@@ -18,10 +18,10 @@ from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from service.jobs.consumer import TRANSIENT_MESSAGE, JobConsumer, JobInput, JobOutput, PermanentJobError
-from service.jobs.prometheus import JobMetrics
-from service.jobs.keys import DEAD_STREAM, GROUP, INFLIGHT, STREAM, job_key, result_key
-from service.jobs.queue import BacklogFull, Hold, JobQueue
+from jobqueue.consumer import TRANSIENT_MESSAGE, JobConsumer, JobInput, JobOutput, PermanentJobError
+from jobqueue.metrics import JobMetrics
+from jobqueue.keys import DEAD_STREAM, GROUP, INFLIGHT, STREAM, job_key, result_key
+from jobqueue.queue import BacklogFull, Hold, JobQueue
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -24,8 +24,8 @@ from PIL import Image
 from redis import Redis
 
 from model.config import AutoencoderConfig, DDConfig, ModelConfig, UNetConfig
-from service.jobs.keys import DEAD_STREAM, GROUP, STREAM, job_key
-from service.jobs.queue import JobQueue
+from jobqueue.keys import DEAD_STREAM, GROUP, STREAM, job_key
+from jobqueue.queue import JobQueue
 from service.settings import Settings
 from tests.conftest import RedisServer, free_port, save_tiny_model
 from tests.conftest import random_png as png

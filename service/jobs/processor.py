@@ -15,19 +15,32 @@ import time
 
 from pydantic import ValidationError
 
+from jobqueue.consumer import JobInput, JobOutput, PermanentJobError, Processor
 from model.errors import VPDSRError
 
 from ..batcher import Priority
 from ..engine import InferenceEngine
-from ..errors import NotReady, Overloaded, ServiceError
+from ..errors import (
+    BadRequest,
+    InvalidParameters,
+    ModelNotLoaded,
+    NotReady,
+    Overloaded,
+    PayloadTooLarge,
+    TooLargeForJob,
+    TooLargeForSync,
+    UnknownModel,
+    UnsupportedMediaType,
+)
 from ..schemas import UpscaleParams
 from ..settings import Settings
 from ..upscale import run_upscale
-from .consumer import JobInput, JobOutput, PermanentJobError, Processor
 from .runtime import JobSystem
 
-# Service errors that the same input would hit again on any worker: fail the job at once.
-PERMANENT_STATUSES = frozenset({400, 404, 409, 413, 415, 422})
+# The kinds of error that the same input would hit again on any worker: fail the job at once.
+# Any other error is a fault of this attempt, and the job is retried.
+PERMANENT_ERRORS = (BadRequest, UnknownModel, ModelNotLoaded, PayloadTooLarge, TooLargeForSync, TooLargeForJob,
+                    UnsupportedMediaType, InvalidParameters)
 
 
 def make_processor(engine: InferenceEngine, settings: Settings) -> Processor:
@@ -49,10 +62,8 @@ def make_processor(engine: InferenceEngine, settings: Settings) -> Processor:
                 if isinstance(exc, Overloaded):
                     await asyncio.sleep(exc.retry_after)
                 await engine.background_ready()
-            except ServiceError as exc:
-                if exc.status in PERMANENT_STATUSES:
-                    raise PermanentJobError(exc.code, exc.message) from None
-                raise
+            except PERMANENT_ERRORS as exc:
+                raise PermanentJobError(exc.code, exc.message) from None
             except VPDSRError as exc:  # the model's own validation (steps, tile, references)
                 raise PermanentJobError("invalid_parameter", str(exc)) from None
         return JobOutput(done.body, done.media_type, done.meta(), waited_s=tried - began + done.queue_ms / 1000,

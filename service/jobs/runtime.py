@@ -11,11 +11,12 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from jobqueue.consumer import REDIS_DOWN, JobConsumer, JobInput, JobOutput, Processor, Ready, cancel_requested
+from jobqueue.metrics import JobMetrics, job_metrics
+from jobqueue.queue import JobQueue
+
 from ..schemas import CheckResult
 from ..settings import Settings
-from .consumer import REDIS_DOWN, JobConsumer, JobInput, JobOutput, Processor, Ready, cancel_requested
-from .prometheus import JobMetrics, job_metrics
-from .queue import JobQueue
 
 log = logging.getLogger("vpdsr.jobs")
 

@@ -21,13 +21,13 @@ from typing import Any
 
 from prometheus_client import start_http_server
 
+from jobqueue.metrics import JobMetrics
 from model.errors import VPDSRError
 
 from ..engine import InferenceEngine
 from ..prometheus import Metrics
 from ..settings import Settings
 from .processor import consume_with_engine
-from .prometheus import JobMetrics
 from .runtime import JobSystem
 
 log = logging.getLogger("vpdsr.jobs")

@@ -40,7 +40,7 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from .prometheus import JobMetrics, job_metrics
+from .metrics import JobMetrics, job_metrics
 from .queue import Delivery, Hold, JobQueue
 
 log = logging.getLogger("vpdsr.jobs")
@@ -86,7 +86,8 @@ Ready = Callable[[], Awaitable[None]]
 
 class PermanentJobError(Exception):
     """A permanent failure (the input or options can never succeed): the job fails at once, without
-    retries. Any other exception is taken as transient and retried up to ``max_attempts``."""
+    retries. Any other exception is taken as transient and retried up to ``max_attempts``: a
+    processor gives up or asks for another attempt by the kind of the error it raises."""
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
@@ -118,7 +119,7 @@ TRANSIENT_MESSAGE = "the worker failed while running this job (a server fault, i
 
 
 class JobCancelled(Exception):
-    """The client cancelled the job while it ran (``DELETE /v1/jobs/{id}``)."""
+    """The job's client cancelled it while it ran (:meth:`JobQueue.cancel`)."""
 
 
 class Heartbeat:
@@ -162,8 +163,8 @@ class Heartbeat:
 
 
 class ProgressWriter:
-    """Stores a running job's progress (tiles done, tiles in total) in its record, for ``GET
-    /v1/jobs/{id}``. Best-effort: a lost write only makes the status lag, so Redis errors are
+    """Stores a running job's progress (tiles done, tiles in total) in its record, for whoever
+    reads the job's status. Best-effort: a lost write only makes the status lag, so Redis errors are
     logged at debug and ignored; the job never fails for them.
 
     The engine reports after every batch, synchronously on the event loop, so a report never

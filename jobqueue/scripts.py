@@ -1,5 +1,5 @@
 """The Lua scripts of the job queue: every state transition is one script, so it is atomic and
-re-running it is harmless. :class:`service.jobs.queue.JobQueue` registers and calls them.
+re-running it is harmless. :class:`jobqueue.queue.JobQueue` registers and calls them.
 
 State machine::
 
@@ -11,7 +11,7 @@ State machine::
       '--cancel--> cancelled <--cancel-- running (its consumer notices and drops its tiles)
     queued|running --start with attempts >= max_attempts (reclaimed)--> failed + dead letter
 
-The state strings are those of :class:`service.jobs.keys.JobState`.
+The state strings are those of :class:`jobqueue.keys.JobState`.
 """
 
 from __future__ import annotations

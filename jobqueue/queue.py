@@ -1,8 +1,8 @@
 """The Redis side of async jobs: the job record and :class:`JobQueue`, the client that moves jobs
 through their states.
 
-Key names live in :mod:`service.jobs.keys`, the Lua scripts (one per transition, so each is atomic
-and re-running it is harmless) in :mod:`service.jobs.scripts`, with the state machine.
+Key names live in :mod:`jobqueue.keys`, the Lua scripts (one per transition, so each is atomic
+and re-running it is harmless) in :mod:`jobqueue.scripts`, with the state machine.
 
 succeeded, failed and cancelled are final: a late or duplicate worker never changes them. A
 stream entry is acknowledged (XACK) in the same script that stores the result or the final

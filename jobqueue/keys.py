@@ -33,7 +33,7 @@ _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
 # A str: a state compares, formats and serialises as its value, which is what the job hash holds
-# and the Lua scripts of service/jobs/scripts.py spell.
+# and the Lua scripts of jobqueue/scripts.py spell.
 class JobState(StrEnum):
     """queued → running → succeeded | failed; queued → cancelled. A retried job goes back to
     queued. succeeded, failed and cancelled are final: nothing changes a job once it is in one."""

@@ -25,6 +25,10 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials
 from pydantic import BaseModel, Field
 
+from jobqueue.consumer import REDIS_DOWN
+from jobqueue.keys import JobState
+from jobqueue.queue import BacklogFull, JobQueue, JobRecord, fingerprint
+
 from ..auth import bearer, require_api_key
 from ..dependencies import EngineDep, JobsDep, SettingsDep
 from ..engine import EngineState
@@ -32,10 +36,7 @@ from ..errors import ERROR_DESCRIPTIONS, ErrorResponse, InvalidParameters, Overl
 from ..imageio import ImageLimits, decode_image, read_upload
 from ..schemas import UpscaleParams
 from ..upscale import BINARY, REQUEST_BODY, merge_form_fields, to_options
-from .consumer import REDIS_DOWN
-from .keys import JobState
-from .queue import BacklogFull, JobQueue, JobRecord, fingerprint
-from .runtime import JobSystem
+from ..jobs.runtime import JobSystem
 
 log = logging.getLogger("vpdsr.jobs")
 
