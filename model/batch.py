@@ -2,7 +2,7 @@
 runs them with progress bars, skips finished work and survives bad files.
 
 The loop does not know how an image is upscaled: an :class:`Upscaler` does that, in this process
-(``model.cli``) or on a server (``model.remote``), so both get the same input expansion, output
+(``model.cli``) or on a server (``client.remote``), so both get the same input expansion, output
 names, skipping, file safety and error reporting.
 
 Results are written as a user's files should be in a folder others may write to: into a new

@@ -68,7 +68,7 @@ def upscale(args: argparse.Namespace) -> int:
 def make_upscaler(args: argparse.Namespace) -> batch.Upscaler:
     if args.server is None:
         return LocalUpscaler(args)
-    from .remote import RemoteUpscaler
+    from client.remote import RemoteUpscaler  # the service's HTTP client, only for --server
 
     options = {"model": args.model, "steps": args.steps, "seed": args.seed, "tile": args.tile}
     return RemoteUpscaler(args.server, args.api_key, options)

@@ -148,7 +148,7 @@ def test_server_sends_a_large_image_through_a_job(
 ) -> None:
     """max_queue 2: more tiles than a synchronous request may queue → 413 too_large_for_sync →
     /v1/jobs; the job's ``progress`` moves the tile bar while it runs."""
-    monkeypatch.setattr("model.remote.POLL_S", 0.02)
+    monkeypatch.setattr("client.remote.POLL_S", 0.02)
     settings = serve(tiny_registry, redis_url=redis_server.url, max_queue=2)
     large, out = small_copy(FIXTURES / "images" / "3096.png", tmp_path / "large.png", width=128), tmp_path / "out.png"
     with live_server(settings, torch_threads=1) as url:

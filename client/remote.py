@@ -1,7 +1,9 @@
 """``vpdsr upscale --server URL``: the batch upscaled by a running ``vpdsr serve``, not here.
 
 The standard library's urllib only: the runtime install has no HTTP client (httpx is a test
-dependency), and ``model`` never imports ``service``. The protocol is the public API of
+dependency), and the client never imports ``service``. It lives outside ``model`` so that the
+model package does not hard-code the service's wire protocol (``model.cli`` imports it only for
+``--server``); it uses ``model``'s batch, error and image types. The protocol is the public API of
 docs/service.md: ``POST /v1/upscale`` with the image as the raw body; an image too large for a
 synchronous request (413 ``too_large_for_sync``) goes to ``POST /v1/jobs`` with an
 Idempotency-Key, and the job is polled until its result can be fetched.
@@ -23,9 +25,9 @@ from urllib.parse import urlencode
 
 from PIL import Image
 
-from .batch import InputFailed, Progress, Upscaled
-from .errors import VPDSRError
-from .images import OutputFormat
+from model.batch import InputFailed, Progress, Upscaled
+from model.errors import VPDSRError
+from model.images import OutputFormat
 
 TIMEOUT_S = 600  # one synchronous request: upload, queue and compute (the server's own limit is 60 s)
 RETRIES = 5  # resends of an answer with Retry-After (busy server, Redis briefly away)
