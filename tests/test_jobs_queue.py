@@ -370,8 +370,10 @@ async def test_long_job_is_not_reclaimed_while_its_worker_lives(redis: Redis) ->
 
 async def test_fail_retried_after_a_lost_reply_runs_the_job_once(redis: Redis) -> None:
     """Red team: fail() ran in Redis but its reply timed out; the consumer retries it. The retry must
-    not queue the job a second time, else two consumers run it at once."""
-    queue, m = make_queue(redis), metrics()
+    not queue the job a second time, else two consumers run it at once. (A visibility timeout far
+    above the job's 0.3 s: on a loaded machine 0.5 s lets a live attempt be reclaimed, a third run
+    that has nothing to do with the lost reply.)"""
+    queue, m = make_queue(redis, visibility_timeout_s=5), metrics()
     real_fail = queue.fail
     replies_lost = 0
 
