@@ -25,7 +25,7 @@ from . import trainer as trainer_lib
 from .adversary import Adversary, DiscriminatorSetup
 from .config_files import Config
 from .data import DataConfig
-from .losses import high_frequency_bands
+from .losses import detail_l1
 from .resampler_init import check as check_resampler
 from .resampler_init import init_as_resampler
 from .trainer import Losses, LossTerm, OptimConfig, RunConfig, Trainer
@@ -125,10 +125,7 @@ class AutoencoderStage:
         if cfg.l1.enabled:
             terms["l1"] = cfg.l1.weight, (recon.float() - target).abs().mean()
         if cfg.wavelet.enabled:
-            # Outside autocast: pytorch_wavelets' autograd function fails on half-precision grads.
-            with torch.autocast(hr.device.type, enabled=False):
-                detail = high_frequency_bands(recon.float()) - high_frequency_bands(target)
-            terms["wavelet"] = cfg.wavelet.weight, detail.abs().mean()
+            terms["wavelet"] = cfg.wavelet.weight, detail_l1(recon, target)
         if cfg.codebook.enabled:
             terms["codebook"] = cfg.codebook.weight, codebook_loss
             terms["commitment"] = cfg.codebook.weight, commitment_loss

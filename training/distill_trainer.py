@@ -44,8 +44,8 @@ from .adversary import Adversary, DiscriminatorSetup
 from .config_files import Config, ConfigError, to_plain
 from .data import DataConfig
 from .degradations import DegradationConfig, Degrader
-from .latents import Pair, build_codec, make_pair
-from .losses import ClipConfig, ClipSemanticLoss, ClipWeightsMissing, distill_loss, hfp_loss, high_frequency_bands
+from .latents import AutoencoderSource, Pair, build_codec, make_pair
+from .losses import ClipConfig, ClipSemanticLoss, ClipWeightsMissing, detail_l1, distill_loss, hfp_loss
 from .teacher_bank import TeacherBank
 from .teacher_trainer import check_sizes
 from .trainer import Losses, LossTerm, OptimConfig, RunConfig, Trainer
@@ -209,11 +209,7 @@ class DistillStage:
 
     def _pixel_teacher(self, setup: PixelTeacherSetup) -> SwinUNet:
         """A pixel-space teacher's bank, the autoencoder it names, and a student of the given architecture."""
-        ae_entry = self.registry.resolve(setup.autoencoder)
-        _, ae_state = ae_entry.state_dicts()
-        if not ae_state:
-            raise ConfigError(f"registry entry {ae_entry.ref} holds no autoencoder weights")
-        ae_config = ae_entry.config().autoencoder
+        ae_config, ae_state = AutoencoderSource(ref=setup.autoencoder).load(self.registry)
         if setup.unet.in_channels != ae_config.embed_dim or setup.unet.out_channels != ae_config.embed_dim:
             raise ConfigError(f"pixel_teacher.unet in/out channels must be the autoencoder's embed_dim {ae_config.embed_dim}")
         try:
@@ -274,8 +270,7 @@ class DistillStage:
                 if cfg.losses.pixel.enabled:
                     terms["pixel"] = (image - teacher_image).abs().mean()
                 if cfg.losses.pixel_hfp.enabled:
-                    detail = high_frequency_bands(image) - high_frequency_bands(teacher_image)
-                    terms["pixel_hfp"] = detail.abs().mean()
+                    terms["pixel_hfp"] = detail_l1(image, teacher_image)
         if self.clip is not None:
             terms["semantic"] = self.clip(decoded, pair.hr)
         adversarial = self.adversary is not None and self.adversary.active(step)
@@ -299,9 +294,7 @@ class DistillStage:
     def decoder_loss(self, z_tch: Tensor, teacher_image: Tensor) -> Tensor:
         """L1 + Haar-detail L1 of the decoded teacher latent against the teacher's image."""
         image = self.latents.decode(z_tch).float()
-        with torch.autocast(image.device.type, enabled=False):
-            detail = high_frequency_bands(image) - high_frequency_bands(teacher_image)
-        return (image - teacher_image).abs().mean() + detail.abs().mean()
+        return (image - teacher_image).abs().mean() + detail_l1(image, teacher_image)
 
     def publish(self) -> RegistryEntry:
         cfg = self.cfg

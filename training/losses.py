@@ -55,6 +55,14 @@ def high_frequency_bands(x: Tensor, wave: str = "haar") -> Tensor:
     return high[0]
 
 
+def detail_l1(a: Tensor, b: Tensor, wave: str = "haar") -> Tensor:
+    """L1 between the LH, HL and HH bands of images ``a`` and ``b``, in float32 outside autocast
+    (pytorch_wavelets' autograd function fails in backward on half-precision grads): the detail
+    term of the autoencoder and of distillation from a pixel teacher."""
+    with torch.autocast(a.device.type, enabled=False):
+        return (high_frequency_bands(a.float(), wave) - high_frequency_bands(b.float(), wave)).abs().mean()
+
+
 def hfp_loss(a: Tensor, b: Tensor, wave: str = "haar") -> Tensor:
     """L_HFP: MSE between the LH, HL and HH bands of ``a`` and ``b`` (mean over all their elements)."""
     return F.mse_loss(high_frequency_bands(a, wave), high_frequency_bands(b, wave))
