@@ -100,11 +100,14 @@ def free_port() -> int:
 
 
 class RedisServer:
-    """A private ``redis-server`` process that tests can stop and restart on the same port."""
+    """A private ``redis-server`` process that tests can stop and restart on the same port. With
+    ``appendonly`` it persists as production does (docker/compose.yaml), fsyncing every write, so
+    that a SIGKILLed server comes back with everything it acknowledged."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, appendonly: bool = False) -> None:
         self.port = free_port()
         self.workdir = workdir
+        self.appendonly = appendonly
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -115,8 +118,9 @@ class RedisServer:
         binary = shutil.which("redis-server")
         if binary is None:
             pytest.fail("redis-server not found: install Debian's redis-server package (see README)")
+        persistence = ["--appendonly", "yes", "--appendfsync", "always"] if self.appendonly else ["--appendonly", "no"]
         self.proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", *persistence,
              "--dir", str(self.workdir)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -135,6 +139,13 @@ class RedisServer:
             self.proc.terminate()
             self.proc.wait(timeout=10)
             self.proc = None
+
+    def crash_and_restart(self) -> None:
+        """SIGKILL (no shutdown save), then start again on the same port and folder."""
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+        self.start()
 
 
 @pytest.fixture
