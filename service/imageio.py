@@ -45,6 +45,7 @@ log = logging.getLogger("vpdsr.service")
 encode_image = images.encode  # results are encoded by the shared policy (service.upscale calls it so)
 MEDIA_TYPES: dict[str, str] = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 SUPPORTED = "PNG, JPEG, WebP, GIF, BMP or TIFF"
+MAX_PAGES_COUNTED = 1000  # of a multi-page TIFF: only the first is used, the rest are counted up to this
 
 # Magic numbers → Pillow format names that may open them (a JPEG may turn out to be an MPO).
 _SIGNATURES: tuple[tuple[bytes, tuple[str, ...]], ...] = (
@@ -75,7 +76,7 @@ class ImageLimits(images.ImageLimits):
 
     @classmethod
     def of(cls, settings: Settings) -> ImageLimits:
-        return cls(settings.max_pixels, settings.max_side, settings.max_aspect)
+        return cls(settings.max_pixels, settings.max_side, settings.max_aspect, settings.max_jpeg_scans)
 
     def check(self, width: int, height: int) -> None:
         """413 for too many pixels; 422 for a too long side or an extreme shape."""
@@ -85,6 +86,13 @@ class ImageLimits(images.ImageLimits):
             raise PayloadTooLarge(str(exc)) from None
         except images.ImageRefused as exc:
             raise InvalidParameters(str(exc)) from None
+
+    def check_jpeg(self, data: bytes) -> None:
+        """413 for a JPEG of too many scans."""
+        try:
+            super().check_jpeg(data)
+        except images.ImageTooLarge as exc:
+            raise PayloadTooLarge(str(exc)) from None
 
 
 @dataclass(frozen=True)
@@ -155,7 +163,9 @@ def sniff_format(data: bytes) -> tuple[str, ...] | None:
 
 
 def decode_image(data: bytes, limits: ImageLimits) -> DecodedImage:
-    """Untrusted bytes → an upright sRGB image, or a 400 / 413 / 415 / 422 error."""
+    """Untrusted bytes → an upright sRGB image, or a 400 / 413 / 415 / 422 error. What the header
+    tells (size, JPEG scans, TIFF pages) is checked before any pixel is decoded; the decode itself
+    runs where it can be stopped (:mod:`service.decoding`)."""
     if not data:
         raise BadRequest("empty body: send the image bytes")
     formats = sniff_format(data)
@@ -170,7 +180,9 @@ def decode_image(data: bytes, limits: ImageLimits) -> DecodedImage:
             image = Image.open(io.BytesIO(data), formats=list(formats))
             limits.check(*image.size)
             found = image.format or kind
-            frames = getattr(image, "n_frames", 1)
+            if found in ("JPEG", "MPO"):
+                limits.check_jpeg(data)
+            frames = images.tiff_pages(data, MAX_PAGES_COUNTED) if found == "TIFF" else getattr(image, "n_frames", 1)
             image.seek(0)
             image.load()
             upright = images.normalize(image)

@@ -71,6 +71,14 @@ class Settings(BaseSettings):
     max_pixels: int = Field(4096 * 4096, ge=1, description="width × height of the low-resolution input")
     max_side: int = Field(8192, ge=1, description="longest side of the input, in pixels")
     max_aspect: float = Field(32, ge=1, description="longest side / shortest side of the input")
+    max_jpeg_scans: int = Field(
+        100, ge=1, description="scans of a progressive JPEG (usual files have about 10; each costs a pass over "
+        "every pixel)",
+    )
+    decode_timeout_s: float = Field(
+        10, gt=0, description="wall-clock time one decode may take in its process: past it the process is killed (413)"
+    )
+    decode_processes: int = Field(2, ge=1, le=64, description="processes that decode uploads (service.decoding)")
 
     # -- Redis job queue (service/jobs, docs/jobs.md) ---------------------------------------------
     redis_url: str | None = Field(None, description="redis://, rediss:// or unix:// URL; unset: jobs disabled")
