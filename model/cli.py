@@ -26,7 +26,7 @@ from . import batch, images
 from .config import ModelConfig
 from .errors import CheckpointError, InvalidRequest, ModelNotFound, VPDSRError
 from .registry import Registry, RegistryEntry
-from .seeds import SEED_LIMIT, resolve_seed
+from .seeds import SEED_LIMIT, check_seed, resolve_seed
 
 if TYPE_CHECKING:
     from typing import BinaryIO
@@ -92,9 +92,7 @@ class LocalUpscaler:
         )
         self.steps = self.pipe.check_steps(args.steps)
         self.tile = self.pipe.check_tile(args.tile)
-        if args.seed is not None:
-            resolve_seed(args.seed)  # out of range: stop before the first image
-        self.seed = args.seed
+        self.seed = check_seed(args.seed)  # out of range: stop before the first image
         given = {"max_pixels": args.max_pixels, "max_side": args.max_side}
         self.limits = images.ImageLimits(**{name: value for name, value in given.items() if value is not None})
 

@@ -16,10 +16,15 @@ from .errors import InvalidRequest
 SEED_LIMIT = 2**53
 
 
-def resolve_seed(seed: int | None) -> int:
-    """``seed`` if it is in range (else :class:`InvalidRequest`), a random seed when it is None."""
-    if seed is None:
-        return random.randrange(SEED_LIMIT)
-    if not 0 <= seed < SEED_LIMIT:
+def check_seed(seed: int | None) -> int | None:
+    """``seed`` if it is None or in range, else :class:`InvalidRequest`: what a request's options are
+    checked against before any image is planned (a job's at submission), without drawing a seed."""
+    if seed is not None and not 0 <= seed < SEED_LIMIT:
         raise InvalidRequest(f"seed must be between 0 and {SEED_LIMIT - 1} (2**53 - 1), got {seed}")
     return seed
+
+
+def resolve_seed(seed: int | None) -> int:
+    """``seed`` if it is in range (else :class:`InvalidRequest`), a random seed when it is None."""
+    seed = check_seed(seed)
+    return random.randrange(SEED_LIMIT) if seed is None else seed

@@ -1,6 +1,6 @@
 """The warmed model behind a dynamic batcher: the one entry point for every upscale.
 
-Synchronous HTTP requests and background jobs both call :meth:`InferenceEngine.upscale` (through
+Synchronous requests and background jobs both call :meth:`InferenceEngine.upscale` (through
 :func:`service.upscale.run_upscale`), which checks the options, the model reference included. A
 request is cut into tiles (:meth:`SRPipeline.plan`), its tiles wait in the
 :class:`~service.batcher.Batcher` with those of other requests, batches run on one dedicated
@@ -12,13 +12,15 @@ Admission is by cost, decided from the image size alone before any pixel is plan
 - the engine knows the seconds per tile of each tile bucket (timed at warm-up, then an EWMA of
   every batch), so it estimates a request's compute as tiles × seconds per tile;
 - an interactive request that could not finish within ``request_timeout_s`` even on an idle
-  server (or, when ``max_queue`` is set, has more tiles than that) is refused at once: 413
-  (:class:`TooLargeForSync`), whose message gives the largest image of that shape that would fit
-  and what to do instead (``/v1/jobs`` when Redis is configured, ``vpdsr upscale``, the setting).
+  server (or, when ``max_queue`` is set, has more tiles than that) is refused at once
+  (:class:`~service.failures.TooLargeForSync`), whose message gives the largest image of that shape
+  that would fit, and which says what to do instead (a job when Redis is configured, else the
+  setting to raise).
   The limit is the measured speed times the timeout, not a tile count: it follows the machine and
   the model's tile sizes;
-- one that could finish, but not behind the interactive tiles already waiting, gets 429
-  (:class:`TileQueueFull`) with a ``Retry-After`` from the estimate, never above the timeout;
+- one that could finish, but not behind the interactive tiles already waiting, is refused for
+  now (:class:`~service.failures.TileQueueFull`) with a retry-after from the estimate, never above
+  the timeout;
 - background work (jobs) is never refused for being busy: its tiles enter the batcher in chunks
   while the background share of the queue (half of ``max_queue``, 128 tiles when unset) has room,
   so an image of any size within the pixel limits completes, and the wait is not bounded by a
@@ -27,8 +29,8 @@ Admission is by cost, decided from the image size alone before any pixel is plan
 
 Other guarantees:
 
-- bounded wait: past its deadline an interactive request gives up — 503 (:class:`QueueTimeout`)
-  if none of its tiles started, 504 (:class:`ComputeTimeout`) otherwise — and its waiting tiles
+- bounded wait: past its deadline an interactive request gives up — :class:`~service.failures.QueueTimeout`
+  if none of its tiles started, :class:`~service.failures.ComputeTimeout` otherwise — and its waiting tiles
   are dropped; a cancelled request (client gone) has its waiting tiles dropped before they cost
   compute;
 - isolation: if a batch fails, its requests are retried one by one, so only the request that
@@ -57,19 +59,20 @@ from model import Registry, SRPipeline
 from model.device import resolve_device
 from model.errors import ModelNotFound
 from model.pipeline import Tile, TilePlan
-from model.seeds import resolve_seed
+from model.seeds import check_seed
 
 from .batcher import Batch, Batcher, BatchKey, Priority, warm_batch_sizes
 from .costs import TileCosts, largest_fitting
-from .errors import (
+from .failures import (
     ComputeFailed,
     ComputeOutOfMemory,
     ComputeTimeout,
-    InvalidParameters,
+    Failure,
+    Instead,
+    InvalidOptions,
     ModelNotLoaded,
     NotReady,
     QueueTimeout,
-    ServiceError,
     TileQueueFull,
     TooLargeForJob,
     TooLargeForSync,
@@ -110,7 +113,7 @@ class Resolved:
 
     pipe: SRPipeline
     steps: int
-    seed: int
+    seed: int | None  # None: a random one, drawn when the image is planned (the result says which)
     tile: int | None  # None: chosen per image by the pipeline's layout
     scale: int
 
@@ -195,7 +198,7 @@ class InferenceEngine:
             warm = await loop.run_in_executor(self._executor, pipe.warmup, self.batch_sizes)
             warm_seconds = time.perf_counter() - started
         except Exception as exc:
-            # What /v1/models shows: the exception names files; the log has it.
+            # What the model's status shows: the exception names files; the log has it.
             self.state, self.error = EngineState.FAILED, "the model could not be loaded (the server's log says why)"
             await self._notify_room()  # background_ready() waiters get their NotReady
             raise
@@ -237,16 +240,16 @@ class InferenceEngine:
         return self.pipeline
 
     def resolve_options(self, options: UpscaleOptions) -> Resolved:
-        """The options checked against the loaded model, without running it: 503 while it is not
-        ready; for ``model`` 409 (another model of the registry) or 404 (none); 422 for the rest,
-        by the model's own rules (the ones ``vpdsr upscale`` applies). :meth:`upscale` calls it."""
+        """The options checked against the loaded model, without running it: :class:`NotReady` while
+        it is not ready; for ``model`` :class:`ModelNotLoaded` (another model of the registry) or
+        :class:`UnknownModel` (none); for the rest the model's own rules (the ones ``vpdsr upscale``
+        applies). :meth:`upscale` calls it."""
         pipe = self.ready_pipeline()
         if options.model is not None:
             try:
                 entry = Registry(self.settings.registry).resolve(options.model)
             except ModelNotFound:  # its message may list the registry's models or folders
-                raise UnknownModel(f"unknown model {options.model!r}: GET /v1/models says which model this "
-                                   "server serves") from None
+                raise UnknownModel(f"unknown model {options.model!r}") from None
             if (entry.name, entry.version) != (pipe.name, pipe.version):
                 raise ModelNotLoaded(
                     f"{options.model!r} is {entry.ref}, but this server serves {pipe.name}:{pipe.version}; "
@@ -255,9 +258,9 @@ class InferenceEngine:
         steps = pipe.check_steps(options.steps)
         scale = pipe.scale if options.scale is None else options.scale
         if not 2 <= scale <= pipe.scale:
-            raise InvalidParameters(f"scale must be between 2 and {pipe.scale}, got {scale}")
+            raise InvalidOptions(f"scale must be between 2 and {pipe.scale}, got {scale}")
         tile = pipe.check_tile(options.tile)
-        return Resolved(pipe, steps, resolve_seed(options.seed), tile, scale)
+        return Resolved(pipe, steps, check_seed(options.seed), tile, scale)
 
     def retry_after(self) -> float:
         """Seconds until the tiles waiting now should be done: the back-off to suggest, capped at
@@ -271,7 +274,7 @@ class InferenceEngine:
 
     def check_job(self, width: int, height: int, options: UpscaleOptions = UpscaleOptions()) -> None:
         """What :meth:`upscale` checks of background work before it plans any pixel: the options and
-        the cost (413 over ``job_max_tiles``). The job API calls it at submission."""
+        the cost (:class:`TooLargeForJob` over ``job_max_tiles``). The job API calls it at submission."""
         self._admit(Priority.BACKGROUND, *self.estimate(width, height, options))
 
     def _estimate(self, resolved: Resolved, width: int, height: int) -> tuple[int, float]:
@@ -300,7 +303,7 @@ class InferenceEngine:
         held tiles of this image (a job's status shows it).
 
         The options are checked first (:meth:`resolve_options`, the model reference included).
-        Interactive requests are admitted by estimated cost (413 / 429) before planning; background
+        Interactive requests are admitted by estimated cost (:meth:`_admit`) before planning; background
         work is never refused for load and enters the batcher chunk by chunk.
         """
         resolved = self.resolve_options(options)
@@ -330,13 +333,14 @@ class InferenceEngine:
                 outputs = await work.future
         except TimeoutError:
             if work.started_at is None:
-                raise QueueTimeout("the request could not start before its timeout", self.retry_after()) from None
+                raise QueueTimeout("the request could not start before its timeout",
+                                   retry_after_s=self.retry_after()) from None
             if priority is Priority.INTERACTIVE:  # its batches have measured the cost meanwhile
                 measured = self._estimate(resolved, image.width, image.height)[1]
                 raise ComputeTimeout(
                     f"the request did not finish within the {self.settings.request_timeout_s:g} s a synchronous "
                     f"request may take (VPDSR_REQUEST_TIMEOUT_S); this image needs an estimated {measured:.0f} s "
-                    f"here. {self._sync_advice(measured)}"
+                    "here.", self._instead(measured),
                 ) from None
             raise ComputeTimeout("the request did not finish before its timeout") from None
         finally:
@@ -356,9 +360,10 @@ class InferenceEngine:
 
     def _admit(self, priority: Priority, tiles: int, seconds: float,
                shape: tuple[Resolved, int, int] | None = None) -> None:
-        """Refuse an interactive request that cannot finish in time (413) or not behind the queue (429).
-        Background work is never refused for load (it waits for room in :meth:`_feed`), only for a
-        cost over ``job_max_tiles`` (413), which would hold a worker for hours."""
+        """Refuse an interactive request that cannot finish in time (:class:`TooLargeForSync`) or not
+        behind the queue (:class:`TileQueueFull`). Background work is never refused for load (it waits
+        for room in :meth:`_feed`), only for a cost over ``job_max_tiles`` (:class:`TooLargeForJob`),
+        which would hold a worker for hours."""
         if priority is Priority.BACKGROUND:
             if tiles > self.settings.job_max_tiles:
                 raise TooLargeForJob(
@@ -376,12 +381,12 @@ class InferenceEngine:
         if ahead + seconds > limit or (max_tiles is not None and waiting + tiles > max_tiles):
             raise TileQueueFull(
                 f"busy: {waiting} tiles (about {ahead:.0f} s) are waiting ahead of this image's {tiles}; retry later",
-                min(limit, max(1.0, ahead + seconds - limit)),
+                retry_after_s=min(limit, max(1.0, ahead + seconds - limit)),
             )
 
     def _too_large_for_sync(self, tiles: int, seconds: float, shape: tuple[Resolved, int, int] | None) -> TooLargeForSync:
-        """The 413 of an interactive request over the synchronous limit: the estimate it was refused
-        on, the largest image of its shape that fits on this server now, and what to do instead."""
+        """The refusal of an interactive request over the synchronous limit: the estimate it was
+        refused on, the largest image of its shape that fits on this server now, and what to do instead."""
         limit, max_tiles = self.settings.request_timeout_s, self.settings.max_queue
         if max_tiles is not None and tiles > max_tiles:
             too_much = f"more than the {max_tiles} tiles a synchronous request may queue (VPDSR_MAX_QUEUE)"
@@ -403,21 +408,16 @@ class InferenceEngine:
             size = "this image"
         return TooLargeForSync(
             f"{size} is {tiles} tiles, an estimated {seconds:.1f} s of compute on this server (measured "
-            f"{seconds / max(tiles, 1):.3g} s per tile), {too_much}{fits}. {self._sync_advice(seconds, tiles)}"
+            f"{seconds / max(tiles, 1):.3g} s per tile), {too_much}{fits}.", self._instead(seconds, tiles),
         )
 
-    def _sync_advice(self, seconds: float, tiles: int | None = None) -> str:
-        """What to do with an image too large for a synchronous request on this server."""
-        local = ("run `vpdsr upscale INPUT OUTPUT` where the model is installed (the same model, "
-                 "no time limit, with a progress bar)")
-        if self.settings.jobs_enabled:
-            return ("To get it done: send the same request to POST /v1/jobs (a job has no time limit; poll it "
-                    f"for the result), or {local}")
+    def _instead(self, seconds: float, tiles: int | None = None) -> Instead:
+        """What gets done an image too large for a synchronous request on this server: a job when
+        the server has a queue, else the limit an operator would raise for it."""
         setting = f"VPDSR_REQUEST_TIMEOUT_S above {math.ceil(seconds * 1.5)}"
         if self.settings.max_queue is not None and tiles is not None and tiles > self.settings.max_queue:
             setting = f"VPDSR_MAX_QUEUE to {tiles} or more"
-        return (f"To get it done: {local}; or ask the server's operator for the job queue (VPDSR_REDIS_URL, then "
-                f"POST /v1/jobs) or a higher limit ({setting}); or send a smaller image")
+        return Instead(self.settings.jobs_enabled, setting)
 
     async def _feed(self, work: _Work) -> None:
         """Put background work's tiles into the batcher chunk by chunk, as its part of the
@@ -548,10 +548,11 @@ class InferenceEngine:
     def _fail(self, work: _Work, exc: Exception) -> None:
         if work.future.done():
             return
-        if not isinstance(exc, ServiceError):
+        if not isinstance(exc, Failure):
             log.error("model failed on a request", exc_info=exc)
             if isinstance(exc, torch.cuda.OutOfMemoryError):
-                exc = ComputeOutOfMemory("out of memory on the model device; retry later", self.retry_after())
+                exc = ComputeOutOfMemory("out of memory on the model device; retry later",
+                                         retry_after_s=self.retry_after())
             else:
                 exc = ComputeFailed("the model failed on this image (a server fault, in its log)")
         work.future.set_exception(exc)

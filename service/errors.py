@@ -1,15 +1,19 @@
 """Every failure the service reports, and the one JSON shape they all take.
 
 Clients get ``{"error": {"code": ..., "message": ...}}`` with a meaningful status for everything:
-our own errors, the model's :class:`~model.errors.VPDSRError`, FastAPI's request validation and
-Starlette's 404/405. ``code`` is a stable machine-readable string; ``message`` says what to fix.
+the upscale's failures (:mod:`service.failures`, which know nothing of HTTP: their statuses,
+``Retry-After`` and the API's pointers are added here, by :func:`http_answer`), failures of the HTTP
+exchange itself (:class:`HttpFailure`), the model's :class:`~model.errors.VPDSRError`, FastAPI's
+request validation and Starlette's 404/405. ``code`` is a stable machine-readable string;
+``message`` says what to fix.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -19,6 +23,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from model.errors import InvalidModelRef, InvalidRequest, ModelNotFound, VPDSRError
 
+from . import failures
+from .failures import Failure, Instead, InvalidOptions
 from .methods import allowed_methods
 
 log = logging.getLogger("vpdsr.service")
@@ -33,29 +39,31 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
-class ServiceError(Exception):
-    """An error with its HTTP status, code and optional headers (e.g. ``Retry-After``)."""
+class HttpFailure(Failure):
+    """A failure of the HTTP exchange itself (authentication, the body's transfer, the job API, a
+    page's asset), not of an upscale: it names its own status and headers."""
 
-    status = 500
-    code = "internal_error"
+    status: ClassVar[int] = 500
 
-    def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.headers = headers or {}
-
-
-class BadRequest(ServiceError):
-    """Corrupt or truncated data of a known image format, an empty body, a broken multipart form."""
-
-    status, code = 400, "bad_request"
+    def __init__(self, message: str, *, headers: Mapping[str, str] | None = None,
+                 retry_after_s: float | None = None) -> None:
+        super().__init__(message, retry_after_s=retry_after_s)
+        self.headers = dict(headers or {})
 
 
-class Unauthorized(ServiceError):
+# The names image decoding (service/imageio.py, service/decoding.py) raises and catches failures under.
+ServiceError = Failure
+BadRequest = failures.UnreadableInput
+PayloadTooLarge = failures.InputTooLarge
+UnsupportedMediaType = failures.UnsupportedInput
+InvalidParameters = InvalidOptions
+
+
+class Unauthorized(HttpFailure):
     status, code = 401, "unauthorized"
 
 
-class RequestTimeout(ServiceError):
+class RequestTimeout(HttpFailure):
     """The client stopped sending its body (or sent it too slowly): the connection is closed, so
     that a stalled upload holds neither its buffer nor its connection any longer."""
 
@@ -65,91 +73,71 @@ class RequestTimeout(ServiceError):
         super().__init__(message, headers={"Connection": "close"})
 
 
-class ModelNotLoaded(ServiceError):
-    """The reference exists in the registry, but this server serves another model."""
-
-    status, code = 409, "model_not_loaded"
-
-
-class UnknownModel(ServiceError):
-    """A reference that names no model of the registry (the message lists none of them)."""
-
-    status, code = 404, "model_not_found"
-
-
-class PayloadTooLarge(ServiceError):
-    status, code = 413, "payload_too_large"
-
-
-class UnsupportedMediaType(ServiceError):
-    """A content type other than an image or a multipart form, or bytes of no supported format."""
-
-    status, code = 415, "unsupported_media_type"
-
-
-class InvalidParameters(ServiceError):
-    """Options that pass type validation but not the served model's limits."""
-
-    status, code = 422, "invalid_parameter"
-
-
-class ClientClosedRequest(ServiceError):
+class ClientClosedRequest(HttpFailure):
     """The client went away before its answer was ready (nginx's 499; nobody reads the body)."""
 
     status, code = 499, "client_closed_request"
 
 
-class Overloaded(ServiceError):
-    """Back-pressure: the caller should retry after ``retry_after`` seconds."""
+# The status of each failure of an upscale (a failure's class or its nearest listed base decides).
+STATUSES: dict[type[Failure], int] = {
+    failures.UnreadableInput: 400,
+    failures.UnknownModel: 404,
+    failures.ModelNotLoaded: 409,
+    failures.InputTooLarge: 413,
+    failures.TooLargeForSync: 413,
+    failures.TooLargeForJob: 413,
+    failures.UnsupportedInput: 415,
+    InvalidOptions: 422,
+    failures.TileQueueFull: 429,
+    failures.ComputeFailed: 500,
+    failures.NotReady: 503,
+    failures.QueueTimeout: 503,
+    failures.ComputeOutOfMemory: 503,
+    failures.ComputeTimeout: 504,
+}
 
-    def __init__(self, message: str, retry_after: float) -> None:
-        self.retry_after = max(1, math.ceil(retry_after))
-        super().__init__(message, headers={"Retry-After": str(self.retry_after)})
-
-
-class TileQueueFull(Overloaded):
-    """The interactive tiles already waiting for the model leave no room for this request in time."""
-
-    status, code = 429, "queue_full"
-
-
-class TooLargeForSync(ServiceError):
-    """An image whose estimated compute exceeds what a synchronous request may take, even on an
-    idle server: retrying cannot help, an async job can."""
-
-    status, code = 413, "too_large_for_sync"
-
-
-class TooLargeForJob(ServiceError):
-    """An image whose tiles exceed ``job_max_tiles``: one such job would hold a worker for hours."""
-
-    status, code = 413, "too_large_for_job"
+# What a failure's message leaves to the transport: where on this API to look next.
+_HINTS: dict[type[Failure], str] = {failures.UnknownModel: "GET /v1/models says which model this server serves"}
 
 
-class QueueTimeout(Overloaded):
-    """The request's tiles did not start computing before its deadline."""
-
-    status, code = 503, "queue_timeout"
-
-
-class ComputeOutOfMemory(Overloaded):
-    status, code = 503, "out_of_memory"
-
-
-class NotReady(ServiceError):
-    """The model is loading, failed to load, or the server is shutting down."""
-
-    status, code = 503, "not_ready"
+def _advice(instead: Instead) -> str:
+    """What to do with an image too large for a synchronous request on this server."""
+    local = ("run `vpdsr upscale INPUT OUTPUT` where the model is installed (the same model, "
+             "no time limit, with a progress bar)")
+    if instead.jobs:
+        return ("To get it done: send the same request to POST /v1/jobs (a job has no time limit; poll it "
+                f"for the result), or {local}")
+    return (f"To get it done: {local}; or ask the server's operator for the job queue (VPDSR_REDIS_URL, then "
+            f"POST /v1/jobs) or a higher limit ({instead.setting}); or send a smaller image")
 
 
-class ComputeTimeout(ServiceError):
-    """The request started computing but did not finish before its deadline."""
+@dataclass(frozen=True)
+class ErrorAnswer:
+    """A failure as the HTTP API answers it."""
 
-    status, code = 504, "timeout"
+    status: int
+    code: str
+    message: str
+    retry_after: int | None = None  # seconds, sent as ``Retry-After``
+    headers: Mapping[str, str] = field(default_factory=dict)  # any others, e.g. ``WWW-Authenticate``
+
+    def response(self) -> JSONResponse:
+        retry = {} if self.retry_after is None else {"Retry-After": str(self.retry_after)}
+        return error_response(self.status, self.code, self.message, {**self.headers, **retry})
 
 
-class ComputeFailed(ServiceError):
-    status, code = 500, "compute_failed"
+def http_answer(failure: Failure) -> ErrorAnswer:
+    """The status, body and headers of ``failure``: the one place a failure meets HTTP."""
+    if isinstance(failure, HttpFailure):
+        return ErrorAnswer(failure.status, failure.code, failure.message, failure.retry_after_s, failure.headers)
+    kind = next(k for k in type(failure).__mro__ if k in STATUSES or k is Failure)
+    message = failure.message
+    if kind in _HINTS:
+        message = f"{message}: {_HINTS[kind]}"
+    if isinstance(failure, (failures.TooLargeForSync, failures.ComputeTimeout)) and failure.instead is not None:
+        message = f"{message} {_advice(failure.instead)}"
+    return ErrorAnswer(STATUSES.get(kind, 500), failure.code, message, failure.retry_after_s)
 
 
 # Model-side errors are user mistakes too: map each to the status that says so.
@@ -186,20 +174,12 @@ def error_response(status: int, code: str, message: str, headers: dict[str, str]
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def _validation_message(exc: RequestValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "request"
-        parts.append(f"{where}: {err.get('msg', 'invalid')}")
-    return "; ".join(parts) or "invalid request"
-
-
 def install_error_handlers(app: FastAPI) -> None:
     """Route every exception type to the JSON error shape."""
 
-    async def service_error(_: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, ServiceError)
-        return error_response(exc.status, exc.code, exc.message, exc.headers)
+    async def failure(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, Failure)
+        return http_answer(exc).response()
 
     async def model_error(_: Request, exc: Exception) -> JSONResponse:
         status, code = next(
@@ -212,7 +192,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def validation_error(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
-        return error_response(422, "invalid_parameter", _validation_message(exc))
+        return http_answer(InvalidOptions.from_errors(exc.errors())).response()
 
     async def http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
@@ -230,7 +210,7 @@ def install_error_handlers(app: FastAPI) -> None:
         log.exception("unhandled error", exc_info=exc)
         return error_response(500, "internal_error", "internal server error")
 
-    app.add_exception_handler(ServiceError, service_error)
+    app.add_exception_handler(Failure, failure)
     app.add_exception_handler(VPDSRError, model_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_error)

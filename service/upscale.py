@@ -9,17 +9,17 @@ and their conversion to the engine's options (:func:`to_options`).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from fastapi.concurrency import run_in_threadpool
-from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
 from .batcher import Priority
 from .engine import InferenceEngine, Progress, UpscaleOptions
+from .failures import InvalidOptions
 from .imageio import MEDIA_TYPES, ImageLimits, OutputFormat, decode_image, encode_image
 from .schemas import UpscaleJSON, UpscaleParams
 from .settings import Settings
@@ -132,7 +132,7 @@ def merge_form_fields(params: UpscaleParams, fields: dict[str, str]) -> UpscaleP
         return UpscaleParams.model_validate(params.model_dump(exclude_unset=True) | given)
     except ValidationError as exc:
         errors = [dict(err, loc=("form", *err["loc"])) for err in exc.errors(include_url=False)]
-        raise RequestValidationError(errors) from None
+        raise InvalidOptions.from_errors(errors) from None
 
 
 async def run_upscale(
@@ -149,11 +149,11 @@ async def run_upscale(
     ``deadline`` (``time.monotonic()``, None: no limit — a job's wait for capacity is not a failure)
     and ``progress(tiles done, tiles in total)`` go to :meth:`InferenceEngine.upscale`, which also
     checks the options."""
-    decoded = await run_in_threadpool(decode_image, data, ImageLimits.of(settings))
+    decoded = await asyncio.to_thread(decode_image, data, ImageLimits.of(settings))
     result = await engine.upscale(decoded.image, to_options(params), priority=priority, deadline=deadline,
                                   progress=progress)
     fmt = params.format or decoded.default_output
-    body = await run_in_threadpool(encode_image, result.image, fmt, params.quality)
+    body = await asyncio.to_thread(encode_image, result.image, fmt, params.quality)
     return Upscaled(
         body=body,
         format=fmt,

@@ -18,9 +18,10 @@ from torch import Tensor
 from model import SRPipeline
 from service.batcher import Batcher, Priority, warm_batch_sizes
 from service.engine import InferenceEngine, UpscaleOptions
-from service.errors import ComputeFailed, ComputeTimeout, QueueTimeout, TileQueueFull, TooLargeForSync
+from service.failures import ComputeFailed, ComputeTimeout, QueueTimeout, TileQueueFull, TooLargeForSync
 from service.prometheus import Metrics
 from service.settings import Settings
+from tests.answers import answered
 from tests.conftest import free_port
 from tests.live import live_server, scrape
 
@@ -158,7 +159,7 @@ async def test_queue_timeout_is_503_and_drops_the_tiles(tiny_registry: Path, tin
     pipe = Instrumented(tiny_pipe)
     engine = await started_engine(tiny_registry, pipe, max_batch_size=2, max_delay_ms=60_000)
     try:
-        with pytest.raises(QueueTimeout) as caught:
+        with answered(QueueTimeout) as caught:
             await engine.upscale(image(), deadline=time.monotonic() + 0.2)
         assert caught.value.status == 503 and caught.value.retry_after >= 1
         assert engine._batcher.depth == 0 and pipe.batches == []
@@ -170,7 +171,7 @@ async def test_compute_timeout_is_504(tiny_registry: Path, tiny_pipe: SRPipeline
     pipe = Instrumented(tiny_pipe, delay=1.0)
     engine = await started_engine(tiny_registry, pipe, max_batch_size=1, max_delay_ms=0)
     try:
-        with pytest.raises(ComputeTimeout) as caught:
+        with answered(ComputeTimeout) as caught:
             await engine.upscale(image(), deadline=time.monotonic() + 0.3)
         assert caught.value.status == 504
     finally:
@@ -243,14 +244,14 @@ async def test_sync_admission_by_estimated_cost(tiny_registry: Path, tiny_pipe: 
         engine._costs.warmed({tile: 0.2 for tile in tiny_pipe.tile_sizes}, tiny_pipe.config.inference_steps)
         assert engine.estimate(64, 64) == (25, pytest.approx(5.0, rel=1e-3))  # decays a little meanwhile
         started = time.monotonic()
-        with pytest.raises(TooLargeForSync) as too_large:
+        with answered(TooLargeForSync) as too_large:
             await engine.upscale(image(width=64, height=64))
         assert time.monotonic() - started < 0.5 and pipe.batches == []
         assert too_large.value.status == 413 and "/v1/jobs" in too_large.value.message
         assert "25 tiles, an estimated 5.0 s" in too_large.value.message, "the estimate it refused on"
         ahead = [asyncio.create_task(engine.upscale(image(), UpscaleOptions(seed=i))) for i in range(4)]
         await until(lambda: len(pipe.batches) == 1)
-        with pytest.raises(TileQueueFull) as busy:
+        with answered(TileQueueFull) as busy:
             await engine.upscale(image(width=24, height=24))  # 4 tiles = 0.8 s behind 0.6 s of queue
         assert busy.value.status == 429 and 1 <= busy.value.retry_after <= 1.0 + 1
         assert all(r.image.size == (64, 64) for r in await asyncio.gather(*ahead))

@@ -27,9 +27,10 @@ from model import SRPipeline
 from service import engine as engine_module
 from service.costs import TileCosts, largest_fitting
 from service.engine import InferenceEngine
-from service.errors import ComputeTimeout, TooLargeForSync
+from service.failures import ComputeTimeout, TooLargeForSync
 from service.prometheus import Metrics
 from service.settings import Settings
+from tests.answers import answered
 from tests.conftest import free_port
 from tests.live import live_server
 
@@ -97,7 +98,7 @@ async def test_the_sync_limit_is_the_measured_speed_times_the_timeout(tiny_regis
     engine = await started(tiny_registry, slow)
     try:
         assert engine.settings.max_queue is None and not engine.settings.jobs_enabled
-        with pytest.raises(TooLargeForSync) as refused:
+        with answered(TooLargeForSync) as refused:
             await engine.upscale(photo(width, height))
         assert slow.batches == 0, "refused before any compute"
         message = refused.value.message
@@ -157,7 +158,7 @@ async def test_with_a_job_queue_the_413_points_to_the_job_endpoint(tiny_registry
     model = Model(tiny_registry, LARGE_TILES, seconds_per_tile=100.0)
     engine = await started(tiny_registry, model, redis_url="redis://127.0.0.1:1/0")  # never contacted
     try:
-        with pytest.raises(TooLargeForSync) as refused:
+        with answered(TooLargeForSync) as refused:
             await engine.upscale(photo(640, 480))
         assert "send the same request to POST /v1/jobs" in refused.value.message
         assert "`vpdsr upscale INPUT OUTPUT`" in refused.value.message
@@ -169,7 +170,7 @@ async def test_an_operators_tile_cap_still_applies_and_names_its_setting(tiny_re
     model = Model(tiny_registry, SMALL_TILES, seconds_per_tile=1e-6)
     engine = await started(tiny_registry, model, max_queue=4)
     try:
-        with pytest.raises(TooLargeForSync) as refused:
+        with answered(TooLargeForSync) as refused:
             await engine.upscale(photo(100, 100))
         assert "more than the 4 tiles a synchronous request may queue (VPDSR_MAX_QUEUE)" in refused.value.message
         assert "VPDSR_MAX_QUEUE to" in refused.value.message and "`vpdsr upscale" in refused.value.message
@@ -191,7 +192,7 @@ async def test_a_request_that_runs_out_of_time_says_what_to_do(tiny_registry: Pa
         request = asyncio.create_task(engine.upscale(photo(300, 300), deadline=time.monotonic() + 15))
         while model.batches == 0 and not request.done():
             await asyncio.sleep(0.01)
-        with pytest.raises(ComputeTimeout) as timed_out:
+        with answered(ComputeTimeout) as timed_out:
             await request
         assert timed_out.value.status == 504
         assert "VPDSR_REQUEST_TIMEOUT_S" in timed_out.value.message

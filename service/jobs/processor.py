@@ -2,10 +2,12 @@
 through the same path (:func:`service.upscale.run_upscale`), InferenceEngine and batcher, at
 background priority.
 
-A job is never failed for the server being busy: the engine feeds a background image into the
-batcher chunk by chunk as room frees up, without a deadline, and while the model is not ready
-(or the device ran out of memory) the job waits for :meth:`InferenceEngine.background_ready` within
-its attempt. Attempts are spent only on real failures.
+A failure decides by its :class:`~service.failures.Retry` what becomes of the job, never by what a
+transport would answer. A job is never failed for the server being busy: the engine feeds a
+background image into the batcher chunk by chunk as room frees up, without a deadline, and while
+the model is not ready (or the device ran out of memory) the job waits for
+:meth:`InferenceEngine.background_ready` within its attempt. Attempts are spent only on real
+failures; a request at fault (its image, its options, its size) fails at once.
 """
 
 from __future__ import annotations
@@ -20,27 +22,11 @@ from model.errors import VPDSRError
 
 from ..batcher import Priority
 from ..engine import InferenceEngine
-from ..errors import (
-    BadRequest,
-    InvalidParameters,
-    ModelNotLoaded,
-    NotReady,
-    Overloaded,
-    PayloadTooLarge,
-    TooLargeForJob,
-    TooLargeForSync,
-    UnknownModel,
-    UnsupportedMediaType,
-)
+from ..failures import Failure, Retry
 from ..schemas import UpscaleParams
 from ..settings import Settings
 from ..upscale import run_upscale
 from .runtime import JobSystem
-
-# The kinds of error that the same input would hit again on any worker: fail the job at once.
-# Any other error is a fault of this attempt, and the job is retried.
-PERMANENT_ERRORS = (BadRequest, UnknownModel, ModelNotLoaded, PayloadTooLarge, TooLargeForSync, TooLargeForJob,
-                    UnsupportedMediaType, InvalidParameters)
 
 
 def make_processor(engine: InferenceEngine, settings: Settings) -> Processor:
@@ -57,13 +43,16 @@ def make_processor(engine: InferenceEngine, settings: Settings) -> Processor:
                 done = await run_upscale(engine, settings, job.data, params, priority=Priority.BACKGROUND,
                                          progress=job.progress)
                 break
-            except (Overloaded, NotReady) as exc:
-                # Out of device memory, or the model is not ready: a wait, not a failed attempt.
-                if isinstance(exc, Overloaded):
-                    await asyncio.sleep(exc.retry_after)
+            except Failure as exc:
+                # By what a retry can do: a request at fault fails for good; a fault of this attempt
+                # spends it (the consumer retries); a busy or unready server is a wait, not an attempt.
+                if exc.retry is Retry.NEVER:
+                    raise PermanentJobError(exc.code, exc.message) from None
+                if exc.retry is Retry.AGAIN:
+                    raise
+                if exc.retry_after_s is not None:
+                    await asyncio.sleep(exc.retry_after_s)
                 await engine.background_ready()
-            except PERMANENT_ERRORS as exc:
-                raise PermanentJobError(exc.code, exc.message) from None
             except VPDSRError as exc:  # the model's own validation (steps, tile, references)
                 raise PermanentJobError("invalid_parameter", str(exc)) from None
         return JobOutput(done.body, done.media_type, done.meta(), waited_s=tried - began + done.queue_ms / 1000,

@@ -32,7 +32,8 @@ from jobqueue.queue import BacklogFull, JobQueue, JobRecord, fingerprint
 from ..auth import bearer, require_api_key
 from ..dependencies import EngineDep, JobsDep, SettingsDep
 from ..engine import EngineState
-from ..errors import ERROR_DESCRIPTIONS, ErrorResponse, InvalidParameters, Overloaded, ServiceError
+from ..errors import ERROR_DESCRIPTIONS, ErrorResponse, HttpFailure, InvalidParameters
+from ..failures import Retry
 from ..imageio import ImageLimits, decode_image, read_upload
 from ..schemas import UpscaleParams
 from ..upscale import BINARY, REQUEST_BODY, merge_form_fields, to_options
@@ -45,19 +46,19 @@ RETRY_AFTER_S = 5
 
 
 # -- errors --------------------------------------------------------------------------------------
-class JobsDisabled(ServiceError):
-    status, code = 503, "jobs_disabled"
+class JobsDisabled(HttpFailure):
+    status, code, retry = 503, "jobs_disabled", Retry.NEVER
 
 
-class JobsUnavailable(ServiceError):
-    status, code = 503, "jobs_unavailable"
+class JobsUnavailable(HttpFailure):
+    status, code, retry = 503, "jobs_unavailable", Retry.LATER
 
 
-class JobNotFound(ServiceError):
-    status, code = 404, "job_not_found"
+class JobNotFound(HttpFailure):
+    status, code, retry = 404, "job_not_found", Retry.NEVER
 
 
-class JobConflict(ServiceError):
+class JobConflict(HttpFailure):
     status = 409
 
     def __init__(self, code: str, message: str) -> None:
@@ -65,12 +66,12 @@ class JobConflict(ServiceError):
         self.code = code
 
 
-class IdempotencyKeyReused(ServiceError):
-    status, code = 422, "idempotency_key_reused"
+class IdempotencyKeyReused(HttpFailure):
+    status, code, retry = 422, "idempotency_key_reused", Retry.NEVER
 
 
-class JobQueueFull(Overloaded):
-    status, code = 429, "job_queue_full"
+class JobQueueFull(HttpFailure):
+    status, code, retry = 429, "job_queue_full", Retry.LATER
 
 
 def _errors(*statuses: int, extra: dict[int, str] | None = None) -> dict[int | str, dict[str, Any]]:
@@ -174,8 +175,7 @@ def job_queue(system: JobSystem) -> JobQueue:
 def _unavailable() -> JobsUnavailable:
     return JobsUnavailable(
         # The exception names Redis's host and port: it goes to the log, not to clients.
-        "the job queue is unavailable; retry later, or use POST /v1/upscale",
-        headers={"Retry-After": str(RETRY_AFTER_S)},
+        "the job queue is unavailable; retry later, or use POST /v1/upscale", retry_after_s=RETRY_AFTER_S
     )
 
 
@@ -254,7 +254,7 @@ async def submit_job(
         try:
             submitted = await queue.submit(upload.data, None, stored, idempotency=idempotency_key, owner=owner)
         except BacklogFull as exc:
-            raise JobQueueFull(f"{exc}; retry later", RETRY_AFTER_S) from None
+            raise JobQueueFull(f"{exc}; retry later", retry_after_s=RETRY_AFTER_S) from None
     job = submitted.job
     if not submitted.created and job.fingerprint != fingerprint(upload.data, None, stored):
         # Never name the other job: the key, not the job id, is what the client knows.

@@ -20,7 +20,7 @@ from fastapi import APIRouter, Response
 from pydantic import BaseModel, Field
 
 from ..dependencies import SettingsDep
-from ..errors import ServiceError
+from ..errors import HttpFailure
 
 router = APIRouter(tags=["web"])
 
@@ -34,7 +34,7 @@ _HEADERS = {
 }
 
 
-class AssetNotFound(ServiceError):
+class AssetNotFound(HttpFailure):
     status, code = 404, "not_found"
 
 
