@@ -19,6 +19,7 @@ from jobqueue.metrics import JobMetrics
 
 from .body_timeout import BodyTimeoutMiddleware
 from .connections import RequestLimitMiddleware
+from .decoding import decoder_for
 from .engine import InferenceEngine
 from .errors import install_error_handlers
 from .jobs.processor import consume_with_engine
@@ -64,6 +65,7 @@ class BackgroundWork:
             await self.stop()
 
     async def start(self) -> None:
+        decoder_for(self.settings).start()  # its processes start while the model loads
         await self.jobs.start()
         self._loading = asyncio.create_task(self._load(), name="vpdsr-load-model")
 

@@ -197,7 +197,7 @@ class InferenceEngine:
             started = time.perf_counter()
             warm = await loop.run_in_executor(self._executor, pipe.warmup, self.batch_sizes)
             warm_seconds = time.perf_counter() - started
-        except Exception as exc:
+        except Exception:
             # What the model's status shows: the exception names files; the log has it.
             self.state, self.error = EngineState.FAILED, "the model could not be loaded (the server's log says why)"
             await self._notify_room()  # background_ready() waiters get their NotReady

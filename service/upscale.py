@@ -18,9 +18,10 @@ from typing import Any
 from pydantic import ValidationError
 
 from .batcher import Priority
+from .decoding import decode
 from .engine import InferenceEngine, Progress, UpscaleOptions
 from .failures import InvalidOptions
-from .imageio import MEDIA_TYPES, ImageLimits, OutputFormat, decode_image, encode_image
+from .imageio import MEDIA_TYPES, OutputFormat, encode_image
 from .schemas import UpscaleJSON, UpscaleParams
 from .settings import Settings
 
@@ -149,7 +150,7 @@ async def run_upscale(
     ``deadline`` (``time.monotonic()``, None: no limit — a job's wait for capacity is not a failure)
     and ``progress(tiles done, tiles in total)`` go to :meth:`InferenceEngine.upscale`, which also
     checks the options."""
-    decoded = await asyncio.to_thread(decode_image, data, ImageLimits.of(settings))
+    decoded = await decode(data, settings)
     result = await engine.upscale(decoded.image, to_options(params), priority=priority, deadline=deadline,
                                   progress=progress)
     fmt = params.format or decoded.default_output

@@ -24,6 +24,7 @@ from prometheus_client import start_http_server
 from jobqueue.metrics import JobMetrics
 from model.errors import VPDSRError
 
+from ..decoding import close_decoders
 from ..engine import InferenceEngine
 from ..prometheus import Metrics
 from ..settings import Settings
@@ -85,6 +86,7 @@ async def run_worker(settings: Settings, *, metrics_addr: str = "0.0.0.0") -> in
     await stop.wait()
     await system.stop(0 if signals > 1 else settings.job_shutdown_grace_s)
     await engine.stop()
+    close_decoders()
     if isinstance(server, tuple):  # prometheus_client >= 0.20: (server, thread)
         server[0].shutdown()
     log.info("worker stopped")

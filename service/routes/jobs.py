@@ -20,7 +20,6 @@ from datetime import datetime, timezone
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
-from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials
 from pydantic import BaseModel, Field
@@ -33,11 +32,13 @@ from ..auth import bearer, require_api_key
 from ..dependencies import EngineDep, JobsDep, SettingsDep
 from ..engine import EngineState
 from ..errors import ERROR_DESCRIPTIONS, ErrorResponse, HttpFailure, InvalidParameters
+from ..decoding import decode
 from ..failures import Retry
-from ..imageio import ImageLimits, decode_image, read_upload
+from ..imageio import read_upload
 from ..schemas import UpscaleParams
 from ..upscale import BINARY, REQUEST_BODY, merge_form_fields, to_options
 from ..jobs.runtime import JobSystem
+from .disconnect import unless_disconnected
 
 log = logging.getLogger("vpdsr.jobs")
 
@@ -246,7 +247,7 @@ async def submit_job(
     upload = await read_upload(request, settings.max_body_bytes)
     options = merge_form_fields(params, upload.fields)
     # Validate now, like /v1/upscale would, so that bad input is a 4xx here and not a failed job.
-    decoded = await run_in_threadpool(decode_image, upload.data, ImageLimits.of(settings))
+    decoded = await unless_disconnected(request, decode(upload.data, settings))
     if engine.state is EngineState.READY:  # options and cost need the model (tiles); else the worker checks
         engine.check_job(decoded.image.width, decoded.image.height, to_options(options))
     stored = options.model_dump(exclude_none=True)

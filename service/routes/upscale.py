@@ -6,24 +6,21 @@ upscale itself is :func:`service.upscale.run_upscale`, which jobs run too.
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import Awaitable
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import JSONResponse
 
 from ..auth import require_api_key
 from ..dependencies import EngineDep, SettingsDep
-from ..errors import ClientClosedRequest, error_responses
+from ..errors import error_responses
 from ..imageio import MEDIA_TYPES, read_upload
 from ..schemas import UpscaleJSON, UpscaleParams
 from ..upscale import BINARY, REQUEST_BODY, merge_form_fields, run_upscale
+from .disconnect import unless_disconnected
 
 router = APIRouter(prefix="/v1", tags=["upscale"], dependencies=[Depends(require_api_key)])
-
-T = TypeVar("T")
 
 _RESULT_HEADERS = {
     "X-Model": "name of the model that ran",
@@ -59,7 +56,7 @@ async def upscale(
     upload = await read_upload(request, settings.max_body_bytes)
     options = merge_form_fields(params, upload.fields)
     deadline = time.monotonic() + settings.request_timeout_s
-    done = await _unless_disconnected(request, run_upscale(engine, settings, upload.data, options, deadline=deadline))
+    done = await unless_disconnected(request, run_upscale(engine, settings, upload.data, options, deadline=deadline))
     if wants_json(request.headers.get("accept", "")):
         return JSONResponse(done.json().model_dump(), headers=done.headers)
     return Response(done.body, media_type=done.media_type, headers=done.headers)
@@ -84,25 +81,3 @@ def wants_json(accept: str) -> bool:
         elif media_type.lower().startswith("image/") or media_type == "*/*":
             best_image = max(best_image, rank)
     return best_json[0] > 0 and best_json > best_image
-
-
-async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
-    """Await ``work``, cancelling it if the client goes away (its queued tiles are then dropped)."""
-    task = asyncio.ensure_future(work)
-    gone = asyncio.ensure_future(_client_gone(request))
-    try:
-        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        if not task.done():
-            task.cancel()
-        gone.cancel()
-        await asyncio.gather(task, gone, return_exceptions=True)
-    if task.cancelled():
-        raise ClientClosedRequest("client disconnected before the result was ready")
-    return task.result()
-
-
-async def _client_gone(request: Request) -> None:
-    """Returns when the ASGI server reports that the client disconnected (the body is read)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
