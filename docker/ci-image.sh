@@ -16,8 +16,9 @@
 #
 # Outcome: exit 0 and "ci-image: passed" with the wall time of each phase; exit 0 and one line
 # "ci-image: skipped: REASON" when this machine cannot run containers at all (not root, podman not
-# installable, namespaces refused, no room on disk); exit 1 and "ci-image: FAILED: ..." with the
-# container's log on a defect. VPDSR_CI_IMAGE=skip skips it on purpose.
+# installable, namespaces refused, no room on disk) or cannot download what the image is made of
+# (the Debian mirror, or PyPI twice in a row); exit 1 and "ci-image: FAILED: ..." with the
+# container's log on a defect of the project. VPDSR_CI_IMAGE=skip skips it on purpose.
 #
 # What this machine needs, kept here rather than in the Dockerfile (none of it is the image's
 # business): podman, runc and debootstrap from Debian (installed when missing); runc rather than
@@ -38,6 +39,7 @@ die() { say "FAILED: $*" >&2; exit 1; }
 MIRROR=${VPDSR_CI_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 READY_S=${VPDSR_CI_READY_S:-900}   # model load + warm-up in the container, on a loaded 2-core CPU
 NEED_GB=25                         # base + builder (PyPI's torch: ~5 GB venv) + image + pip's downloads
+NETWORK_ERRORS='ConnectionError|ConnectTimeout|Read timed out|Temporary failure in name resolution|Network is unreachable|ProxyError|HTTPSConnectionPool|Connection reset'
 
 [ "${VPDSR_CI_IMAGE:-}" = skip ] && skip "VPDSR_CI_IMAGE=skip"
 [ "$(id -u)" = 0 ] || skip "not root: debootstrap and rootful podman need root"
@@ -114,7 +116,8 @@ for attempt in 1 2; do
       bookworm "$rootfs" "$MIRROR" >"$WORK/debootstrap.log" 2>&1; then
     break
   fi
-  ((attempt == 2)) && { tail -20 "$WORK/debootstrap.log" >&2; die "debootstrap failed twice"; }
+  # No base, no image: the mirror is out of reach, which says nothing about the project.
+  ((attempt == 2)) && { tail -5 "$WORK/debootstrap.log" >&2; skip "debootstrap failed twice (Debian mirror unreachable?)"; }
   awk -v w="$rootfs" 'index($2, w "/") == 1 {print $2}' /proc/self/mounts | sort -r | xargs -r umount -l
   rm -rf --one-file-system "$rootfs"
 done
@@ -141,7 +144,12 @@ build=(podman build --format docker --network host -f docker/Dockerfile
 if ! "${build[@]}" >"$WORK/build.log" 2>&1; then
   # Once more, from the cached layers, in case a download broke off; a defect fails again.
   say "build failed, retrying once: $(grep -m1 -iE 'error|failed' "$WORK/build.log" || tail -1 "$WORK/build.log")"
-  "${build[@]}" >"$WORK/build.log" 2>&1 || { tail -40 "$WORK/build.log" >&2; die "podman build failed"; }
+  if ! "${build[@]}" >"$WORK/build.log" 2>&1; then
+    tail -40 "$WORK/build.log" >&2
+    # A download that broke off twice is the network's failure; anything else is the project's.
+    grep -qiE "$NETWORK_ERRORS" "$WORK/build.log" && skip "podman build could not download its packages twice"
+    die "podman build failed"
+  fi
 fi
 size=$(podman image inspect --format '{{.Size}}' "$IMAGE")
 [ "$(podman image inspect --format '{{.Config.Healthcheck}}' "$IMAGE")" != "<nil>" ] \
