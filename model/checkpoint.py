@@ -1,13 +1,19 @@
-"""Import of the official ResShift checkpoints (``resshift_realsrx4_s15_v1.pth``, ``autoencoder_vq_f4.pth``).
+"""Weights into networks: a registry entry's model, and import of the official ResShift checkpoints.
 
-The files are PyTorch pickles; they are opened with ``torch.load(weights_only=True)`` so that no
-code inside them runs, checked against the architecture with ``strict=True`` and written to the
-registry as safetensors — after import nothing ever unpickles them again.
+:func:`load_model` is the one way from a registry entry to its loaded Swin-UNet and autoencoder:
+the inference pipeline (:meth:`model.SRPipeline.from_registry`) and the distillation trainer's
+teacher both take their networks from it, so they cannot read an entry differently.
+
+The official files (``resshift_realsrx4_s15_v1.pth``, ``autoencoder_vq_f4.pth``) are PyTorch pickles;
+they are opened with ``torch.load(weights_only=True)`` so that no code inside them runs, checked
+against the architecture with ``strict=True`` and written to the registry as safetensors — after
+import nothing ever unpickles them again.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +22,7 @@ from torch import Tensor, nn
 
 from .autoencoder import VQAutoencoder
 from .config import ModelConfig
-from .errors import CheckpointError
+from .errors import CheckpointError, InvalidRequest
 from .provenance import git_commit
 from .registry import Registry, RegistryEntry
 from .unet import SwinUNet
@@ -69,6 +75,42 @@ def load_into(module: nn.Module, state: dict[str, Tensor], label: str) -> None:
     module.load_state_dict(state, strict=True)
 
 
+def build_networks(
+    config: ModelConfig, unet_state: dict[str, Tensor], autoencoder_state: dict[str, Tensor]
+) -> tuple[SwinUNet, VQAutoencoder]:
+    """The Swin-UNet and autoencoder of ``config`` holding the given weights (strict loads).
+
+    Both are built before either is loaded, UNet first: the order in which their random
+    initialisation draws from torch's generator, which a trainer that builds more networks after
+    them (a student, a discriminator) depends on for its own initial weights.
+    """
+    unet = SwinUNet.from_config(config.unet)
+    autoencoder = VQAutoencoder.from_config(config.autoencoder)
+    load_into(unet, unet_state, "UNet")
+    load_into(autoencoder, autoencoder_state, "autoencoder")
+    return unet, autoencoder
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A super-resolution model of the registry with its networks built and loaded (float32, CPU)."""
+
+    entry: RegistryEntry
+    config: ModelConfig
+    unet: SwinUNet
+    autoencoder: VQAutoencoder
+
+
+def load_model(registry: Registry, ref: str) -> LoadedModel:
+    """Resolve ``ref`` and load its networks; an autoencoder-only entry has no UNet to run."""
+    entry = registry.resolve(ref)
+    config = entry.config()
+    if config.kind == "autoencoder":
+        raise InvalidRequest(f"{entry.ref} is an autoencoder-only entry, not a super-resolution model")
+    unet, autoencoder = build_networks(config, *entry.state_dicts())
+    return LoadedModel(entry, config, unet, autoencoder)
+
+
 def import_resshift(
     unet_path: str | Path,
     autoencoder_path: str | Path,
@@ -81,10 +123,7 @@ def import_resshift(
 ) -> RegistryEntry:
     """Convert official ResShift checkpoints into a registry entry (a multi-step teacher)."""
     config = config or ModelConfig(inference_steps=15, kind="teacher")
-    unet = SwinUNet.from_config(config.unet)
-    autoencoder = VQAutoencoder.from_config(config.autoencoder)
-    load_into(unet, read_state_dict(unet_path), "UNet")
-    load_into(autoencoder, read_state_dict(autoencoder_path), "autoencoder")
+    unet, autoencoder = build_networks(config, read_state_dict(unet_path), read_state_dict(autoencoder_path))
     provenance = dict(config.provenance) | {
         "source": "import-resshift",
         "unet_checkpoint": Path(unet_path).name,

@@ -30,7 +30,7 @@ from torch import Tensor
 from .autoencoder import VQAutoencoder
 from .color import color_fix
 from .config import ModelConfig
-from .checkpoint import load_into
+from .checkpoint import build_networks, load_model
 from .device import resolve_channels_last, resolve_dtype, resolve_threads
 from .errors import InvalidRequest
 from .latent import LatentCodec
@@ -186,22 +186,15 @@ class SRPipeline:
         cls, ref: str, registry: Registry | str | Path | None = None, **kwargs: object
     ) -> "SRPipeline":
         reg = registry if isinstance(registry, Registry) else Registry(registry)
-        entry = reg.resolve(ref)
-        config = entry.config()
-        if config.kind == "autoencoder":
-            raise InvalidRequest(f"{entry.ref} is an autoencoder-only entry, not a super-resolution model")
-        unet_state, vq_state = entry.state_dicts()
-        return cls.from_state_dicts(config, unet_state, vq_state, name=entry.name, version=entry.version, **kwargs)  # type: ignore[arg-type]
+        loaded = load_model(reg, ref)
+        entry = loaded.entry
+        return cls(loaded.config, loaded.unet, loaded.autoencoder, name=entry.name, version=entry.version, **kwargs)  # type: ignore[arg-type]
 
     @classmethod
     def from_state_dicts(
         cls, config: ModelConfig, unet_state: dict[str, Tensor], vq_state: dict[str, Tensor], **kwargs: object
     ) -> "SRPipeline":
-        unet = SwinUNet.from_config(config.unet)
-        autoencoder = VQAutoencoder.from_config(config.autoencoder)
-        load_into(unet, unet_state, "UNet")
-        load_into(autoencoder, vq_state, "autoencoder")
-        return cls(config, unet, autoencoder, **kwargs)  # type: ignore[arg-type]
+        return cls(config, *build_networks(config, unet_state, vq_state), **kwargs)  # type: ignore[arg-type]
 
     # -- options: the one rule of each (CLI, service and jobs all ask these; the seed's is resolve_seed)
     def check_tile(self, tile: int | None) -> int | None:

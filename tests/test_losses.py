@@ -9,17 +9,14 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from training.adversary import DiscriminatorConfig, PatchDiscriminator, generator_adv_loss, hinge_d_loss
 from training.losses import (
     ClipConfig,
     ClipSemanticLoss,
     ClipWeightsMissing,
-    DiscriminatorConfig,
-    PatchDiscriminator,
     distill_loss,
-    generator_adv_loss,
     hfp_loss,
     high_frequency_bands,
-    hinge_d_loss,
 )
 
 # A CLIP small enough to build in milliseconds: 32² input, one transformer layer per tower.
@@ -181,7 +178,7 @@ def test_clip_loss_is_two_for_opposite_embeddings(tiny_clip_config: Path) -> Non
 
 def test_adaptive_weight_is_the_ratio_of_gradient_norms_at_the_last_layer() -> None:
     """VQGAN's balance: weight × GAN gradient has the norm of the reconstruction gradient."""
-    from training.losses import adaptive_weight
+    from training.adversary import adaptive_weight
 
     torch.manual_seed(0)
     last = torch.nn.Conv2d(4, 3, 3, padding=1)

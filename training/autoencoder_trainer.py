@@ -28,7 +28,7 @@ from .data import DataConfig
 from .losses import detail_l1
 from .resampler_init import check as check_resampler
 from .resampler_init import init_as_resampler
-from .trainer import Losses, LossTerm, OptimConfig, RunConfig, Trainer
+from .trainer import Losses, LossTerm, OptimConfig, Publication, RunConfig, Trainer
 from .warm_start import warm_start
 
 KIND = "autoencoder"
@@ -49,7 +49,7 @@ class AutoencoderTrainConfig(Config):
     viewers notice first; this term weights the detail on its own (as L_HFP does in distillation)."""
     adversarial: LossTerm = Field(default_factory=lambda: LossTerm(enabled=False, weight=0.1))
     adaptive_weight: bool = False
-    """Scale the adversarial weight by VQGAN's adaptive factor (:func:`training.losses.adaptive_weight`,
+    """Scale the adversarial weight by VQGAN's adaptive factor (:func:`training.adversary.adaptive_weight`,
     against the L1 term): ``adversarial.weight`` is then the GAN's share of the force on the decoder."""
     anchor: LossTerm = Field(default_factory=lambda: LossTerm(enabled=False, weight=1.0))
     """L1 between the latent and the bicubic ×1/f image (needs embed_dim 3). Off for real models; the
@@ -97,7 +97,7 @@ class AutoencoderTrainConfig(Config):
 
 class AutoencoderStage:
     def __init__(self, cfg: AutoencoderTrainConfig, trainer: Trainer, registry: Registry, alias: str | None) -> None:
-        self.cfg, self.trainer, self.registry, self.alias = cfg, trainer, registry, alias
+        self.cfg, self.trainer, self.alias = cfg, trainer, alias
         autoencoder = VQAutoencoder.from_config(cfg.autoencoder)
         if cfg.anchor.enabled and cfg.autoencoder.n_embed > 0:
             # An image-like latent lives in [-1, 1]³: spread the codes over that cube instead of
@@ -146,17 +146,15 @@ class AutoencoderStage:
             minimise["discriminator"] = log["loss/discriminator"] = self.adversary.discriminator_loss(target, recon)  # type: ignore[union-attr]
         return Losses(minimise, log)  # type: ignore[arg-type]
 
-    def publish(self) -> RegistryEntry:
-        provenance = {"source": f"vpdsr train {KIND}", "init_from": self.init_from} | self.trainer.provenance(self.cfg.data)
+    def publication(self) -> Publication:
+        provenance = {"source": f"vpdsr train {KIND}", "init_from": self.init_from}
         config = ModelConfig(autoencoder=self.cfg.autoencoder, inference_steps=0, kind=KIND, provenance=provenance)
-        version = self.registry.next_version(self.cfg.name)
-        aliases = (self.alias,) if self.alias else ()
-        return self.registry.save(self.cfg.name, version, config, {}, self.trainer.weights(KIND), aliases=aliases)
+        return Publication(self.cfg.name, config, {}, self.trainer.weights(KIND), self.alias)
 
 
 def train(
     cfg: AutoencoderTrainConfig, registry: Registry, resume: str | Path | None = None, alias: str | None = None
 ) -> RegistryEntry | None:
     """Train, then write ``<name>:<next version>`` into ``registry`` (rank 0); returns that entry."""
-    return trainer_lib.train(cfg, lambda trainer: AutoencoderStage(cfg, trainer, registry, alias), resume)
+    return trainer_lib.train(cfg, registry, lambda trainer: AutoencoderStage(cfg, trainer, registry, alias), resume)
 

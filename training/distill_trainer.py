@@ -32,7 +32,7 @@ from pydantic import Field, model_validator
 from torch import Tensor
 
 from model.autoencoder import DECODER_SIDE
-from model.checkpoint import load_into
+from model.checkpoint import load_into, load_model
 from model.config import DiffusionConfig, ModelConfig, UNetConfig
 from model.registry import Registry, RegistryEntry
 from model.sampler import sample
@@ -44,11 +44,10 @@ from .adversary import Adversary, DiscriminatorSetup
 from .config_files import Config, ConfigError, to_plain
 from .data import DataConfig
 from .degradations import DegradationConfig, Degrader
-from .latents import AutoencoderSource, Pair, build_codec, make_pair
+from .latents import AutoencoderSource, Pair, build_codec, check_sizes, frozen_codec, make_pair
 from .losses import ClipConfig, ClipSemanticLoss, ClipWeightsMissing, detail_l1, distill_loss, hfp_loss
 from .teacher_bank import TeacherBank
-from .teacher_trainer import check_sizes
-from .trainer import Losses, LossTerm, OptimConfig, RunConfig, Trainer
+from .trainer import Losses, LossTerm, OptimConfig, Publication, RunConfig, Trainer
 from .warm_start import warm_start
 
 KIND = "student"
@@ -125,7 +124,7 @@ class DistillTrainConfig(Config):
     run: RunConfig = Field(default_factory=lambda: RunConfig(steps=30_000))
     adaptive_weight: bool = False
     """Scale λ_adv by VQGAN's adaptive factor against L_distill at the student's output layer
-    (:func:`training.losses.adaptive_weight`): λ_adv is then L_adv's share of the force on that layer,
+    (:func:`training.adversary.adaptive_weight`): λ_adv is then L_adv's share of the force on that layer,
     whatever the scale of the discriminator's logits. Small students whose distillation loss is tiny
     are otherwise pulled away from the teacher by a fixed λ_adv = 0.1."""
 
@@ -188,23 +187,20 @@ class DistillStage:
         cfg, device = self.cfg, self.trainer.device
         if cfg.teacher is None:
             raise ConfigError("no teacher: pass --teacher REF (a registry entry of kind 'teacher') or set pixel_teacher")
-        entry = self.registry.resolve(cfg.teacher)
-        self.model_config = mc = entry.config()
-        if mc.kind == "autoencoder":
-            raise ConfigError(f"{entry.ref} is an autoencoder; the teacher must be a diffusion model")
-        unet_state, ae_state = entry.state_dicts()
-        self.teacher = SwinUNet.from_config(mc.unet)
-        load_into(self.teacher, unet_state, "teacher UNet")
-        self.teacher = self.teacher.to(device).eval().requires_grad_(False)
-        self.teacher_name = entry.ref
-        self.latents = build_codec(mc.autoencoder, ae_state, mc.diffusion, device)
+        teacher = load_model(self.registry, cfg.teacher)
+        self.model_config = mc = teacher.config
+        self.teacher = teacher.unet.to(device).eval().requires_grad_(False)
+        self.teacher_name = teacher.entry.ref
+        self.latents = frozen_codec(teacher.autoencoder, mc.diffusion, device)
         self.teacher_steps: int | None = cfg.teacher_steps or mc.diffusion.steps
         if self.teacher_steps > mc.diffusion.steps:
             raise ConfigError(f"teacher_steps {cfg.teacher_steps} exceeds the teacher's {mc.diffusion.steps} diffusion steps")
         self.degrader = Degrader(cfg.degradation)
         self.bank: TeacherBank | None = None
+        # A fresh module rather than a copy: its random initialisation (overwritten here) keeps the
+        # draws from torch's generator, hence the discriminator's initial weights, those of earlier runs.
         student = SwinUNet.from_config(mc.unet)
-        load_into(student, unet_state, "teacher UNet")
+        load_into(student, self.teacher.state_dict(), "teacher UNet")
         return student
 
     def _pixel_teacher(self, setup: PixelTeacherSetup) -> SwinUNet:
@@ -296,7 +292,7 @@ class DistillStage:
         image = self.latents.decode(z_tch).float()
         return (image - teacher_image).abs().mean() + detail_l1(image, teacher_image)
 
-    def publish(self) -> RegistryEntry:
+    def publication(self) -> Publication:
         cfg = self.cfg
         clip = cfg.clip
         provenance = {
@@ -318,16 +314,14 @@ class DistillStage:
             diffusion=self.model_config.diffusion,
             inference_steps=1,
             kind=KIND,
-            provenance=provenance | self.trainer.provenance(cfg.data),
+            provenance=provenance,
         )
-        version = self.registry.next_version(cfg.name)
-        aliases = (self.alias,) if self.alias else ()
         autoencoder = self.trainer.weights(DECODER) if self.decoder is not None else self.latents.autoencoder.state_dict()
-        return self.registry.save(cfg.name, version, config, self.trainer.weights(KIND), autoencoder, aliases=aliases)
+        return Publication(cfg.name, config, self.trainer.weights(KIND), autoencoder, self.alias)
 
 
 def train(
     cfg: DistillTrainConfig, registry: Registry, resume: str | Path | None = None, alias: str | None = None
 ) -> RegistryEntry | None:
     """Distil, then write ``<name>:<next version>`` into ``registry`` (rank 0); returns that entry."""
-    return trainer_lib.train(cfg, lambda trainer: DistillStage(cfg, trainer, registry, alias), resume)
+    return trainer_lib.train(cfg, registry, lambda trainer: DistillStage(cfg, trainer, registry, alias), resume)

@@ -1,4 +1,5 @@
-"""The frozen VQGAN latent space of the diffusion trainers, and the training pairs made in it.
+"""The frozen VQGAN latent space of the diffusion trainers, the training pairs made in it, and the
+check that training crops give latents the UNet can take.
 
 Teacher and student both learn in the latent space of a frozen autoencoder through the codec that
 inference uses (:class:`model.latent.LatentCodec`), so training and serving latents cannot drift
@@ -17,9 +18,10 @@ from torch import Tensor
 
 from model.autoencoder import VQAutoencoder
 from model.checkpoint import load_into, read_state_dict
-from model.config import AutoencoderConfig, DiffusionConfig
+from model.config import AutoencoderConfig, DiffusionConfig, UNetConfig
 from model.latent import LatentCodec
 from model.registry import Registry
+from model.unet import SwinUNet
 
 from .config_files import Config, ConfigError
 from .degradations import Degrader
@@ -58,7 +60,28 @@ def build_codec(
     scaling (``diffusion.scale_factor``) and super-resolution factor (``diffusion.sf``) of the model."""
     autoencoder = VQAutoencoder.from_config(config)
     load_into(autoencoder, state, "autoencoder")
+    return frozen_codec(autoencoder, diffusion, device)
+
+
+def frozen_codec(autoencoder: VQAutoencoder, diffusion: DiffusionConfig, device: torch.device) -> LatentCodec:
+    """The codec of a loaded ``autoencoder`` (frozen, float32, on ``device``) for the model of ``diffusion``."""
     return LatentCodec(autoencoder.to(device), latent_scaling=diffusion.scale_factor, upscale=diffusion.sf)
+
+
+def check_sizes(crop: int, sf: int, latent_factor: int, unet: SwinUNet, unet_config: UNetConfig) -> None:
+    """Fail at start-up, not at the first forward pass, when HR crops of ``crop``² do not give LR
+    images and latents that the UNet can take (a teacher's or a student's)."""
+    latent = crop // latent_factor
+    if crop % (sf * latent_factor) or latent % unet.size_multiple:
+        raise ConfigError(
+            f"data.crop_size {crop} gives {latent}² latents: it must be a multiple of {sf * latent_factor} "
+            f"with latents a multiple of {unet.size_multiple} (the UNet's window × 2^levels)"
+        )
+    if crop // sf * unet_config.image_size != latent * unet_config.lq_size:
+        raise ConfigError(
+            f"LR crops of {crop // sf}² and latents of {latent}² do not keep the UNet's lq_size:image_size "
+            f"ratio {unet_config.lq_size}:{unet_config.image_size}"
+        )
 
 
 @dataclass(frozen=True)

@@ -1,29 +1,29 @@
-"""The loss terms of VPD-SR's one-step distillation.
+"""The loss terms of VPD-SR's one-step distillation (and the wavelet detail term of the autoencoder).
 
 The student's latent x̂0 is pulled towards the teacher's (:func:`distill_loss`), its high-frequency
 wavelet bands towards the teacher's (:func:`hfp_loss`, L_HFP: MSE alone favours
 smooth latents, so the detail bands get their own term), its decoded image towards the GT image in
 CLIP's embedding space (:class:`ClipSemanticLoss`, L_SD: semantic rather than pixel agreement), and a
-latent PatchGAN (:class:`PatchDiscriminator` with hinge losses) sharpens what is left.
+latent PatchGAN (:mod:`training.adversary`) sharpens what is left.
+
+open_clip and pytorch_wavelets are imported by the first call that needs them, not with this
+module: a run with L_SD or the wavelet terms switched off neither waits for nor needs them.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import open_clip
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config_files import Config
 
-with warnings.catch_warnings():
-    # pytorch_wavelets imports pkg_resources (hence setuptools<81), which warns on every start-up.
-    warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
+if TYPE_CHECKING:
     from pytorch_wavelets import DWTForward
 
 
@@ -41,6 +41,10 @@ def _dwt(wave: str, device: torch.device, dtype: torch.dtype) -> DWTForward:
     Built outside inference mode even when first needed there (a validation pass), so the cached
     filters can still be used in a training step that back-propagates.
     """
+    with warnings.catch_warnings():
+        # pytorch_wavelets imports pkg_resources (hence setuptools<81), which warns on every start-up.
+        warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
+        from pytorch_wavelets import DWTForward
     with torch.inference_mode(False):
         return DWTForward(J=1, wave=wave, mode="zero").to(device=device, dtype=dtype)
 
@@ -101,6 +105,8 @@ def load_clip(config: ClipConfig) -> nn.Module:
     if path is not None and not Path(path).is_file():
         # open_clip would treat a non-file as a pretrained *tag* and download it.
         raise ClipWeightsMissing(f"CLIP weights file not found: {path}")
+    import open_clip
+
     if config.model_config_path is not None:
         open_clip.add_model_config(config.model_config_path)
     # pretrained_text=False: never fetch a Hugging Face text tower; only the image tower is used.
@@ -118,6 +124,8 @@ class ClipSemanticLoss(nn.Module):
     def __init__(self, config: ClipConfig) -> None:
         super().__init__()
         clip = load_clip(config)
+        import open_clip  # loaded by load_clip: the semantic loss is on
+
         preprocess = open_clip.get_model_preprocess_cfg(clip)
         size = preprocess.get("size", 224)
         self.input_size: tuple[int, int] = (size, size) if isinstance(size, int) else tuple(size)  # type: ignore[assignment]
@@ -156,91 +164,3 @@ class ClipSemanticLoss(nn.Module):
 def cosine_distance(a: Tensor, b: Tensor) -> Tensor:
     """mean(1 − ⟨a, b⟩) of L2-normalised embeddings: 0 when equal, 2 when opposite."""
     return (1 - (a * b).sum(dim=-1)).mean()
-
-
-# -- latent adversarial loss ----------------------------------------------------------------------
-class DiscriminatorConfig(Config):
-    """PatchGAN on latents. ``n_layers`` stride-2 convolutions halve the input each, so the input must
-    be at least 2**n_layers pixels wide (16×16 latents with 3 layers give 2×2 patch logits).
-
-    ``norm`` is ``"group"`` by default: batch statistics of 1×1 maps or tiny batches are unreliable
-    and instance norm fails on 1×1 maps, while group norm works for any batch and size.
-    """
-
-    in_channels: int = 3
-    base_channels: int = 64
-    n_layers: int = 3
-    norm: str = "group"  # "group", "batch" or "none"
-
-
-def _norm(kind: str, channels: int) -> nn.Module:
-    if kind == "group":
-        return nn.GroupNorm(math.gcd(32, channels), channels)
-    if kind == "batch":
-        return nn.BatchNorm2d(channels)
-    if kind == "none":
-        return nn.Identity()
-    raise ValueError(f"unknown discriminator norm {kind!r}: use 'group', 'batch' or 'none'")
-
-
-class PatchDiscriminator(nn.Module):
-    """pix2pix-style PatchGAN: real/fake logits per latent patch, shape (N, 1, H/2**n, W/2**n).
-
-    The ``n_layers`` down-sampling layers are 4×4 stride-2 convolutions (padding 1); the last two
-    layers are 3×3 with padding 1 rather than pix2pix's 4×4, so they keep the size and small
-    latents still give at least one logit.
-    """
-
-    def __init__(self, config: DiscriminatorConfig | None = None) -> None:
-        super().__init__()
-        cfg = config or DiscriminatorConfig()
-        if cfg.n_layers < 1:
-            raise ValueError(f"n_layers must be at least 1, got {cfg.n_layers}")
-        self.n_layers = cfg.n_layers
-        bias = cfg.norm == "none"
-        layers: list[nn.Module] = [
-            nn.Conv2d(cfg.in_channels, cfg.base_channels, 4, stride=2, padding=1),
-            nn.LeakyReLU(0.2, inplace=True),
-        ]
-        channels = cfg.base_channels
-        for i in range(1, cfg.n_layers + 1):
-            out = cfg.base_channels * min(2**i, 8)
-            stride, kernel = (2, 4) if i < cfg.n_layers else (1, 3)
-            layers += [
-                nn.Conv2d(channels, out, kernel, stride=stride, padding=1, bias=bias),
-                _norm(cfg.norm, out),
-                nn.LeakyReLU(0.2, inplace=True),
-            ]
-            channels = out
-        layers.append(nn.Conv2d(channels, 1, 3, stride=1, padding=1))
-        self.net = nn.Sequential(*layers)
-
-    def forward(self, z: Tensor) -> Tensor:
-        smallest = 2**self.n_layers
-        if min(z.shape[-2:]) < smallest:
-            raise ValueError(
-                f"latent {tuple(z.shape[-2:])} is too small for {self.n_layers} down-sampling layers "
-                f"(needs at least {smallest}×{smallest}); use fewer n_layers"
-            )
-        return self.net(z)
-
-
-def hinge_d_loss(real_logits: Tensor, fake_logits: Tensor) -> Tensor:
-    """Discriminator hinge loss: mean(relu(1 − real)) + mean(relu(1 + fake))."""
-    return F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean()
-
-
-def adaptive_weight(reconstruction: Tensor, adversarial: Tensor, last_layer: Tensor) -> Tensor:
-    """VQGAN's balance of the two (Esser et al. 2021, eq. 7): ‖∇L_rec‖ / (‖∇L_GAN‖ + 10⁻⁴), gradients
-    taken at the decoder's last layer, detached. Times a weight w, the GAN term then pulls on that
-    layer with w × the force of the reconstruction loss, whatever the scale of the discriminator's
-    logits — a fixed weight that is gentle at one stage of training can wreck reconstruction at
-    another."""
-    rec_grad = torch.autograd.grad(reconstruction, last_layer, retain_graph=True)[0]
-    adv_grad = torch.autograd.grad(adversarial, last_layer, retain_graph=True)[0]
-    return (rec_grad.norm() / (adv_grad.norm() + 1e-4)).clamp(max=1e4).detach()
-
-
-def generator_adv_loss(fake_logits: Tensor) -> Tensor:
-    """Generator side of the hinge GAN: −mean(D(fake))."""
-    return -fake_logits.mean()

@@ -23,11 +23,11 @@ from model.schedule import ResShiftSchedule
 from model.unet import SwinUNet
 
 from . import trainer as trainer_lib
-from .config_files import Config, ConfigError
+from .config_files import Config
 from .data import DataConfig
 from .degradations import DegradationConfig, Degrader
-from .latents import AutoencoderSource, build_codec, make_pair
-from .trainer import Losses, OptimConfig, RunConfig, Trainer
+from .latents import AutoencoderSource, build_codec, check_sizes, make_pair
+from .trainer import Losses, OptimConfig, Publication, RunConfig, Trainer
 from .warm_start import warm_start
 
 KIND = "teacher"
@@ -55,24 +55,9 @@ class TeacherTrainConfig(Config):
         return self
 
 
-def check_sizes(crop: int, sf: int, latent_factor: int, unet: SwinUNet, unet_config: UNetConfig) -> None:
-    """Fail at start-up, not at the first forward pass, when crops do not fit the networks."""
-    latent = crop // latent_factor
-    if crop % (sf * latent_factor) or latent % unet.size_multiple:
-        raise ConfigError(
-            f"data.crop_size {crop} gives {latent}² latents: it must be a multiple of {sf * latent_factor} "
-            f"with latents a multiple of {unet.size_multiple} (the UNet's window × 2^levels)"
-        )
-    if crop // sf * unet_config.image_size != latent * unet_config.lq_size:
-        raise ConfigError(
-            f"LR crops of {crop // sf}² and latents of {latent}² do not keep the UNet's lq_size:image_size "
-            f"ratio {unet_config.lq_size}:{unet_config.image_size}"
-        )
-
-
 class TeacherStage:
     def __init__(self, cfg: TeacherTrainConfig, trainer: Trainer, registry: Registry, alias: str | None) -> None:
-        self.cfg, self.trainer, self.registry, self.alias = cfg, trainer, registry, alias
+        self.cfg, self.trainer, self.alias = cfg, trainer, alias
         ae_config, ae_state = cfg.autoencoder.load(registry)
         unet = SwinUNet.from_config(cfg.unet)
         self.init_from = cfg.init_from and warm_start(unet, registry, cfg.init_from, "unet", trainer.notice)
@@ -92,7 +77,7 @@ class TeacherStage:
         loss = F.mse_loss(pred.float(), pair.z0)
         return Losses({"unet": loss}, {"loss/mse": loss})
 
-    def publish(self) -> RegistryEntry:
+    def publication(self) -> Publication:
         cfg = self.cfg
         provenance = {"source": f"vpdsr train {KIND}", "autoencoder": cfg.autoencoder.describe(), "init_from": self.init_from}
         config = ModelConfig(
@@ -101,17 +86,13 @@ class TeacherStage:
             diffusion=cfg.diffusion,
             inference_steps=cfg.diffusion.steps,
             kind=KIND,
-            provenance=provenance | self.trainer.provenance(cfg.data),
+            provenance=provenance,
         )
-        version = self.registry.next_version(cfg.name)
-        aliases = (self.alias,) if self.alias else ()
-        return self.registry.save(
-            cfg.name, version, config, self.trainer.weights("unet"), self.latents.autoencoder.state_dict(), aliases=aliases
-        )
+        return Publication(cfg.name, config, self.trainer.weights("unet"), self.latents.autoencoder.state_dict(), self.alias)
 
 
 def train(
     cfg: TeacherTrainConfig, registry: Registry, resume: str | Path | None = None, alias: str | None = None
 ) -> RegistryEntry | None:
     """Train, then write ``<name>:<next version>`` into ``registry`` (rank 0); returns that entry."""
-    return trainer_lib.train(cfg, lambda trainer: TeacherStage(cfg, trainer, registry, alias), resume)
+    return trainer_lib.train(cfg, registry, lambda trainer: TeacherStage(cfg, trainer, registry, alias), resume)

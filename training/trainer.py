@@ -13,6 +13,10 @@ rest, nanoGPT-style, in :meth:`Trainer.fit`:
         clip, step and zero each optimiser; update the EMA copies
         log (tqdm + JSONL), checkpoint
 
+After the last step the stage says what it publishes (:class:`Publication`: name, config, weights)
+and :func:`train` writes it to the registry: versioning, aliases and the run's provenance are the
+loop's, the same for every stage.
+
 A generator and its discriminator are two parts that take a step in the same iteration (the
 discriminator's loss uses detached fakes); :func:`frozen` keeps the discriminator's weights out
 of the generator's backward pass.
@@ -32,7 +36,7 @@ import random
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Protocol, TextIO
 
@@ -43,10 +47,11 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from model.config import ModelConfig
 from model.device import cpu_bf16_units
 from model.errors import CheckpointError
 from model.provenance import git_commit
-from model.registry import RegistryEntry
+from model.registry import Registry, RegistryEntry
 
 from . import checkpoints
 from .config_files import Config, to_plain
@@ -142,11 +147,24 @@ class Objective(Protocol):
         ...
 
 
-class Stage(Objective, Protocol):
-    """One training stage (autoencoder, teacher, distillation): an objective that publishes its model."""
+@dataclass(frozen=True)
+class Publication:
+    """What a stage publishes after its last step: the model's registry name (and an alias to point
+    at the new version), its config with the stage's own provenance, and its weights. :func:`train`
+    numbers the version, adds the run's provenance, saves it and sets the alias."""
 
-    def publish(self) -> RegistryEntry:
-        """Write the trained model to the registry (called on rank 0 after the last step)."""
+    name: str
+    config: ModelConfig
+    unet: dict[str, Tensor]
+    autoencoder: dict[str, Tensor]
+    alias: str | None = None
+
+
+class Stage(Objective, Protocol):
+    """One training stage (autoencoder, teacher, distillation): an objective that says what it publishes."""
+
+    def publication(self) -> Publication:
+        """The trained model to write to the registry (asked on rank 0 after the last step)."""
         ...
 
 
@@ -453,11 +471,13 @@ class Trainer:
 
 
 def train(
-    config: TrainConfig, build: Callable[[Trainer], Stage], resume: str | Path | None = None
+    config: TrainConfig, registry: Registry, build: Callable[[Trainer], Stage], resume: str | Path | None = None
 ) -> RegistryEntry | None:
     """The life of a run: set up, build the stage's networks, resume, fit, publish (rank 0), tear down.
 
-    Returns the registry entry on rank 0, ``None`` on the other ranks.
+    Publishing writes the stage's :class:`Publication` as ``<name>:<next version>`` of ``registry``,
+    its provenance extended by the run's (:meth:`Trainer.provenance`). Returns the registry entry on
+    rank 0, ``None`` on the other ranks.
     """
     trainer = Trainer(config.run, config)
     try:
@@ -465,6 +485,12 @@ def train(
         if resume is not None:
             trainer.resume(resume)
         trainer.fit(stage, config.data)
-        return stage.publish() if trainer.is_main else None
+        if not trainer.is_main:
+            return None
+        out = stage.publication()
+        model_config = replace(out.config, provenance=out.config.provenance | trainer.provenance(config.data))
+        aliases = (out.alias,) if out.alias else ()
+        version = registry.next_version(out.name)
+        return registry.save(out.name, version, model_config, out.unet, out.autoencoder, aliases=aliases)
     finally:
         trainer.close()
