@@ -140,7 +140,7 @@ def test_pixel_teacher_settings_are_checked(overrides: list[str], message: str) 
 @pytest.mark.parametrize(("units", "expected"), [(True, torch.bfloat16), (False, None)])
 def test_auto_precision_is_bf16_only_on_cpus_with_bf16_units(units: bool, expected: torch.dtype | None,
                                                               tmp_path: Path) -> None:
-    with mock.patch("training.trainer.cpu_bf16_units", return_value=units):
+    with mock.patch("model.device.cpu_bf16_units", return_value=units):
         trainer = Trainer(RunConfig(device="cpu", out_dir=tmp_path), {})
     try:
         assert trainer.amp_dtype == expected

@@ -48,7 +48,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from model.config import ModelConfig
-from model.device import cpu_bf16_units
+from model.device import resolve_dtype
 from model.errors import CheckpointError
 from model.provenance import git_commit
 from model.registry import Registry, RegistryEntry
@@ -203,7 +203,8 @@ class Trainer:
         self.out_dir = run.out_dir
         self.seed_rank(_derived_seed(run.seed, self.dist.rank))
         if run.precision == "auto":
-            self.amp_dtype = torch.bfloat16 if self.device.type == "cuda" or cpu_bf16_units() else None
+            # The serving rule (model.device): bf16 on CUDA and on CPUs with bf16 units, else float32.
+            self.amp_dtype = None if resolve_dtype("auto", self.device) == torch.float32 else torch.bfloat16
         else:
             self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[run.precision]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
