@@ -26,7 +26,7 @@ from . import batch, images
 from .config import ModelConfig
 from .errors import CheckpointError, InvalidRequest, ModelNotFound, VPDSRError
 from .registry import Registry, RegistryEntry
-from .seeds import SEED_LIMIT, check_seed, resolve_seed
+from .seeds import SEED_LIMIT, check_seed
 
 if TYPE_CHECKING:
     from typing import BinaryIO
@@ -104,11 +104,12 @@ class LocalUpscaler:
             raise batch.InputFailed(f"{exc}{f' ({option} raises it)' if option else ''}") from None
         except InvalidRequest as exc:  # not an image, corrupt, an unsupported pixel mode
             raise batch.InputFailed(str(exc)) from None
-        seed = resolve_seed(self.seed)  # without --seed: a random one per image, printed with the result
-        result = self.pipe(image, steps=self.steps, seed=seed, tile=self.tile, progress=progress)
+        # Without --seed the plan draws a random one per image, printed with the result.
+        plan = self.pipe.plan(image, self.seed, self.tile)
+        result = self.pipe.run_plan(plan, self.steps, progress)
         out.write(images.encode(result, fmt))
         pipe = self.pipe
-        detail = f"{pipe.name}:{pipe.version}, {self.steps} step(s), seed {seed}, {self.device}"
+        detail = f"{pipe.name}:{pipe.version}, {self.steps} step(s), seed {plan.seed}, {self.device}"
         return batch.Upscaled(result.size, detail)
 
 

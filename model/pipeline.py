@@ -6,7 +6,8 @@ x_T = z_y + κ√η_T ε,  x̂0 = sampler(…),  SR = D(x̂0 / scale_factor)  (d
 The work is exposed in three pieces so that the HTTP service can batch tiles of different
 requests together: :meth:`SRPipeline.plan` (image → equal tiles + their noise), :meth:`run_tiles`
 (a stacked batch of tiles → SR tiles) and :meth:`TilePlan.assemble` (SR tiles → image).
-:meth:`SRPipeline.__call__` strings them together for one image.
+:meth:`SRPipeline.run_plan` strings the last two together for one planned image, and
+:meth:`SRPipeline.__call__` all three.
 
 Noise is drawn once for the whole padded latent from the request's seed and cropped per tile, so
 results do not depend on how the image was tiled or batched and a seed reproduces a result.
@@ -196,7 +197,7 @@ class SRPipeline:
     ) -> "SRPipeline":
         return cls(config, *build_networks(config, unet_state, vq_state), **kwargs)  # type: ignore[arg-type]
 
-    # -- options: the one rule of each (CLI, service and jobs all ask these; the seed's is resolve_seed)
+    # -- options: the one rule of each (CLI, service and jobs all ask these; the seed's is check_seed)
     def check_tile(self, tile: int | None) -> int | None:
         """A requested tile size: one of the model's tile sizes (``tile_sizes`` of its config.json,
         the shapes the service warms and batches); None leaves the choice to :meth:`layout`."""
@@ -245,12 +246,17 @@ class SRPipeline:
             return tiles * self.tile_seconds[grid.tile], tiles
         return tiles, grid.tile
 
-    def plan(self, image: ImageInput, seed: int | None = None, tile: int | None = None) -> TilePlan:
+    def plan(self, image: ImageInput, seed: int | None = None, tile: int | TileGrid | None = None) -> TilePlan:
         """Pad the image and cut it into equal overlapping tiles, each with its share of the noise
-        (from ``seed``, random when None: :func:`model.seeds.resolve_seed`; the plan keeps it)."""
+        (from ``seed``, random when None: :func:`model.seeds.resolve_seed`; the plan keeps it, so the
+        caller learns the seed it drew from :attr:`TilePlan.seed`). ``tile`` is a tile size (None:
+        :meth:`layout` chooses) or the grid :meth:`layout` already gave for this image's size: the
+        service prices a request by its grid before planning it, and cuts it by that same grid."""
         rgb, grayscale, alpha = split_alpha(image)
         width, height = rgb.size
-        grid = self.layout(width, height, tile)
+        grid = tile if isinstance(tile, TileGrid) else self.layout(width, height, tile)
+        if grid.height < height or grid.width < width:
+            raise ValueError(f"a {grid.width}×{grid.height} grid cannot hold a {width}×{height} image")
         tile, padded_h, padded_w = grid.tile, grid.height, grid.width
 
         lr = torch.from_numpy(np.asarray(rgb, dtype=np.float32)).permute(2, 0, 1)[None] / 127.5 - 1
@@ -309,11 +315,18 @@ class SRPipeline:
         tile: int | None = None,
         progress: Callable[[int, int], None] | None = None,
     ) -> Image.Image:
-        """Upscale one image (any size; large ones are tiled, ``max_tile_batch`` tiles at a time).
-        ``progress(tiles done, tiles in total)`` is called after each batch: a big image on a CPU
-        takes minutes, and a progress bar tells the user it is moving."""
+        """Upscale one image (any size; large ones are tiled, ``max_tile_batch`` tiles at a time):
+        :meth:`plan`, then :meth:`run_plan`; bad ``steps`` are refused before any pixel is planned."""
         steps = self.check_steps(steps)
-        plan = self.plan(image, seed=seed, tile=tile)
+        return self.run_plan(self.plan(image, seed=seed, tile=tile), steps, progress)
+
+    def run_plan(
+        self, plan: TilePlan, steps: int | None = None, progress: Callable[[int, int], None] | None = None
+    ) -> Image.Image:
+        """Run a planned image's tiles, ``max_tile_batch`` at a time, and assemble the result; the
+        caller keeps the plan, and with it the seed that was used. ``progress(tiles done, tiles in
+        total)`` is called after each batch: a big image on a CPU takes minutes, and a progress bar
+        tells the user it is moving."""
         outputs: list[Tensor] = []
         for batch in _batches(plan.tiles, self.max_tile_batch):
             lr = torch.stack([t.lr for t in batch])

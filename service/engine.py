@@ -1,8 +1,10 @@
 """The warmed model behind a dynamic batcher: the one entry point for every upscale.
 
 Synchronous requests and background jobs both call :meth:`InferenceEngine.upscale` (through
-:func:`service.upscale.run_upscale`), which checks the options, the model reference included. A
-request is cut into tiles (:meth:`SRPipeline.plan`), its tiles wait in the
+:func:`service.upscale.run_upscale`), which checks the options, the model reference included, once
+(:meth:`InferenceEngine.resolve_options`: :class:`Resolved`). The image's tile layout is computed
+once, from its size (:meth:`SRPipeline.layout`): admission prices it, and the request is cut by that
+same grid into tiles (:meth:`SRPipeline.plan`). Its tiles wait in the
 :class:`~service.batcher.Batcher` with those of other requests, batches run on one dedicated
 model thread (the event loop never blocks, so health checks and metrics answer under load), and
 the request's SR tiles are put back together (:meth:`TilePlan.assemble`).
@@ -59,6 +61,7 @@ from model import Registry, SRPipeline
 from model.device import resolve_device
 from model.errors import ModelNotFound
 from model.pipeline import Tile, TilePlan
+from model.tiling import TileGrid
 from model.seeds import check_seed
 
 from .batcher import Batch, Batcher, BatchKey, Priority, warm_batch_sizes
@@ -79,7 +82,7 @@ from .failures import (
     UnknownModel,
 )
 from .prometheus import Metrics
-from .schemas import CheckResult
+from .schemas import CheckResult, UpscaleOptions
 from .settings import Settings
 
 log = logging.getLogger("vpdsr.service")
@@ -97,25 +100,20 @@ class EngineState(str, Enum):
 
 
 @dataclass(frozen=True)
-class UpscaleOptions:
-    """Per-request inference options; None = the model's default (the seed: a random one)."""
-
-    model: str | None = None  # a registry reference that must resolve to the loaded model
-    steps: int | None = None
-    seed: int | None = None
-    tile: int | None = None  # one of the pipeline's tile sizes
-    scale: int | None = None  # 2..model scale; below the model's, the result is Lanczos-resized
-
-
-@dataclass(frozen=True)
 class Resolved:
-    """Options checked against the loaded model, defaults filled in."""
+    """The inference options of an :class:`UpscaleOptions` checked against the loaded model,
+    defaults filled in: what the rest of the engine reads (output format and quality are the
+    encoder's, :func:`service.upscale.run_upscale`)."""
 
     pipe: SRPipeline
     steps: int
     seed: int | None  # None: a random one, drawn when the image is planned (the result says which)
     tile: int | None  # None: chosen per image by the pipeline's layout
-    scale: int
+    scale: int  # 2..model scale; below the model's, the result is Lanczos-resized
+
+    def layout(self, width: int, height: int) -> TileGrid:
+        """The tile grid of a ``width``×``height`` image under these options."""
+        return self.pipe.layout(width, height, self.tile)
 
 
 @dataclass(frozen=True)
@@ -278,9 +276,12 @@ class InferenceEngine:
         self._admit(Priority.BACKGROUND, *self.estimate(width, height, options))
 
     def _estimate(self, resolved: Resolved, width: int, height: int) -> tuple[int, float]:
-        grid = resolved.pipe.layout(width, height, resolved.tile)
+        return self._cost(resolved.layout(width, height), resolved.steps)
+
+    def _cost(self, grid: TileGrid, steps: int) -> tuple[int, float]:
+        """(tiles, model seconds) of an image laid out as ``grid``."""
         tiles = len(grid.boxes)
-        return tiles, tiles * self._seconds_per_tile((grid.tile, resolved.steps))
+        return tiles, tiles * self._seconds_per_tile((grid.tile, steps))
 
     async def background_ready(self) -> None:
         """Return once the model is ready and the background share of the queue has room: a job
@@ -308,14 +309,15 @@ class InferenceEngine:
         """
         resolved = self.resolve_options(options)
         pipe, steps = resolved.pipe, resolved.steps
-        tiles, seconds = self._estimate(resolved, image.width, image.height)
+        grid = resolved.layout(image.width, image.height)  # priced here, and the plan's tiles
+        tiles, seconds = self._cost(grid, steps)
         self._admit(priority, tiles, seconds, (resolved, image.width, image.height))
         # Admitted interactive work holds its place while it is planned, so a burst of requests
         # cannot all pass admission before any of them reaches the batcher.
         cost = (tiles, seconds) if priority is Priority.INTERACTIVE else (0, 0.0)
         self._planning = (self._planning[0] + cost[0], self._planning[1] + cost[1])
         try:
-            plan = await asyncio.to_thread(pipe.plan, image, resolved.seed, resolved.tile)
+            plan = await asyncio.to_thread(pipe.plan, image, resolved.seed, grid)
         finally:
             self._planning = (self._planning[0] - cost[0], self._planning[1] - cost[1])
 
@@ -336,7 +338,7 @@ class InferenceEngine:
                 raise QueueTimeout("the request could not start before its timeout",
                                    retry_after_s=self.retry_after()) from None
             if priority is Priority.INTERACTIVE:  # its batches have measured the cost meanwhile
-                measured = self._estimate(resolved, image.width, image.height)[1]
+                measured = self._cost(grid, steps)[1]
                 raise ComputeTimeout(
                     f"the request did not finish within the {self.settings.request_timeout_s:g} s a synchronous "
                     f"request may take (VPDSR_REQUEST_TIMEOUT_S); this image needs an estimated {measured:.0f} s "

@@ -4,19 +4,24 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
+from model.images import OutputFormat
 from model.seeds import SEED_LIMIT
 
 
-class UpscaleParams(BaseModel):
-    """Options of ``POST /v1/upscale``: query parameters, or fields of the multipart form.
+class UpscaleOptions(BaseModel):
+    """The one request type of an upscale: the query parameters or multipart form fields of
+    ``POST /v1/upscale`` and ``POST /v1/jobs``, what a job record stores (``model_dump``) and its
+    worker reads back, and what :meth:`InferenceEngine.upscale` takes.
 
     Only types are checked here. The ranges of ``seed``, ``steps``, ``tile`` and ``scale`` are the
-    model's own rules, checked once, where the CLI checks them too (:func:`model.seeds.resolve_seed`,
-    :meth:`SRPipeline.check_steps`, :meth:`SRPipeline.check_tile`, ``InferenceEngine.resolve_options``
-    for the scale): 422 ``invalid_parameter``.
+    model's own rules, checked once against the loaded model by ``InferenceEngine.resolve_options``
+    (with :func:`model.seeds.check_seed`, :meth:`SRPipeline.check_steps` and
+    :meth:`SRPipeline.check_tile`, the rules the CLI applies too): 422 ``invalid_parameter``.
     """
+
+    model_config = ConfigDict(frozen=True)  # a default argument and a stored record: never changed
 
     model: str | None = Field(
         None,
@@ -28,7 +33,7 @@ class UpscaleParams(BaseModel):
         None, description="output scale, 2 to the model's own (4), the default; below it, the model's result is "
         "resized with Lanczos"
     )
-    format: Literal["png", "jpeg", "webp"] | None = Field(
+    format: OutputFormat | None = Field(
         None, description="output format; default jpeg for a JPEG input, png otherwise"
     )
     quality: int | None = Field(None, ge=1, le=100, description="jpeg/webp quality (default 90; ignored for png)")

@@ -3,26 +3,27 @@
 (:mod:`service.jobs.processor`) take, whatever transport brought the request.
 
 Also here, because both endpoints that take an upscale request share them: the OpenAPI request
-body (:data:`REQUEST_BODY`), options sent as multipart form fields (:func:`merge_form_fields`)
-and their conversion to the engine's options (:func:`to_options`).
+body (:data:`REQUEST_BODY`) and options sent as multipart form fields (:func:`merge_form_fields`).
+The options are one type from the request to the engine and into a job record
+(:class:`~service.schemas.UpscaleOptions`); a result is described by one type too
+(:class:`ResultMeta`), in the answer's headers and JSON and in the job record beside the result.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from .batcher import Priority
 from .decoding import decode
-from .engine import InferenceEngine, Progress, UpscaleOptions
+from .engine import InferenceEngine, Progress
 from .failures import InvalidOptions
 from .imageio import MEDIA_TYPES, OutputFormat, encode_image
-from .schemas import UpscaleJSON, UpscaleParams
+from .schemas import UpscaleJSON, UpscaleOptions
 from .settings import Settings
 
 BINARY = {"schema": {"type": "string", "format": "binary"}}  # an OpenAPI body or answer of raw bytes
@@ -57,7 +58,7 @@ REQUEST_BODY: dict[str, Any] = {
                     "image": {"type": "string", "format": "binary", "description": "the image file"},
                     **{
                         name: _form_field(schema)
-                        for name, schema in UpscaleParams.model_json_schema()["properties"].items()
+                        for name, schema in UpscaleOptions.model_json_schema()["properties"].items()
                     },
                 },
             }
@@ -67,11 +68,11 @@ REQUEST_BODY: dict[str, Any] = {
 }
 
 
-@dataclass(frozen=True)
-class Upscaled:
-    """An encoded result: what ``/v1/upscale`` answers, and what a background job stores."""
+class ResultMeta(BaseModel):
+    """An encoded result without its bytes: what ``/v1/upscale`` says of it in its ``X-*`` headers,
+    and what a job stores beside its result (``result_meta``), read back for the job's status and
+    the headers of its result."""
 
-    body: bytes
     format: OutputFormat
     width: int
     height: int
@@ -99,38 +100,27 @@ class Upscaled:
             "X-Frames-Ignored": str(self.frames_ignored),
         }
 
-    def meta(self) -> dict[str, Any]:
-        """Everything but the bytes, JSON-serialisable (the headers included)."""
-        fields = {k: v for k, v in dataclasses.asdict(self).items() if k != "body"}
-        return fields | {"headers": self.headers}
+
+@dataclass(frozen=True)
+class Upscaled:
+    """An encoded result: what ``/v1/upscale`` answers, and what a background job stores."""
+
+    body: bytes
+    meta: ResultMeta
 
     def json(self) -> UpscaleJSON:
-        return UpscaleJSON(
-            model=self.model,
-            version=self.version,
-            width=self.width,
-            height=self.height,
-            format=self.format,
-            seed=self.seed,
-            steps=self.steps,
-            queue_ms=self.queue_ms,
-            compute_ms=self.compute_ms,
-            image_base64=base64.b64encode(self.body).decode("ascii"),
-        )
+        """The answer with ``Accept: application/json``: the result's description and its bytes."""
+        return UpscaleJSON(**self.meta.model_dump(exclude={"frames_ignored"}),
+                           image_base64=base64.b64encode(self.body).decode("ascii"))
 
 
-def to_options(params: UpscaleParams) -> UpscaleOptions:
-    return UpscaleOptions(model=params.model, steps=params.steps, seed=params.seed, tile=params.tile,
-                          scale=params.scale)
-
-
-def merge_form_fields(params: UpscaleParams, fields: dict[str, str]) -> UpscaleParams:
+def merge_form_fields(params: UpscaleOptions, fields: dict[str, str]) -> UpscaleOptions:
     """Options from multipart form fields, over those from the query string."""
-    given = {name: value for name, value in fields.items() if name in UpscaleParams.model_fields}
+    given = {name: value for name, value in fields.items() if name in UpscaleOptions.model_fields}
     if not given:
         return params
     try:
-        return UpscaleParams.model_validate(params.model_dump(exclude_unset=True) | given)
+        return UpscaleOptions.model_validate(params.model_dump(exclude_unset=True) | given)
     except ValidationError as exc:
         errors = [dict(err, loc=("form", *err["loc"])) for err in exc.errors(include_url=False)]
         raise InvalidOptions.from_errors(errors) from None
@@ -140,7 +130,7 @@ async def run_upscale(
     engine: InferenceEngine,
     settings: Settings,
     data: bytes,
-    params: UpscaleParams,
+    params: UpscaleOptions,
     *,
     priority: Priority = Priority.INTERACTIVE,
     deadline: float | None = None,
@@ -151,12 +141,10 @@ async def run_upscale(
     and ``progress(tiles done, tiles in total)`` go to :meth:`InferenceEngine.upscale`, which also
     checks the options."""
     decoded = await decode(data, settings)
-    result = await engine.upscale(decoded.image, to_options(params), priority=priority, deadline=deadline,
-                                  progress=progress)
+    result = await engine.upscale(decoded.image, params, priority=priority, deadline=deadline, progress=progress)
     fmt = params.format or decoded.default_output
     body = await asyncio.to_thread(encode_image, result.image, fmt, params.quality)
-    return Upscaled(
-        body=body,
+    return Upscaled(body, ResultMeta(
         format=fmt,
         width=result.image.width,
         height=result.image.height,
@@ -167,4 +155,4 @@ async def run_upscale(
         queue_ms=round(result.queue_seconds * 1000, 1),
         compute_ms=round(result.compute_seconds * 1000, 1),
         frames_ignored=decoded.frames_ignored,
-    )
+    ))

@@ -17,9 +17,10 @@ from torch import Tensor
 
 from model import SRPipeline
 from service.batcher import Batcher, Priority, warm_batch_sizes
-from service.engine import InferenceEngine, UpscaleOptions
+from service.engine import InferenceEngine
 from service.failures import ComputeFailed, ComputeTimeout, QueueTimeout, TileQueueFull, TooLargeForSync
 from service.prometheus import Metrics
+from service.schemas import UpscaleOptions
 from service.settings import Settings
 from tests.answers import answered
 from tests.conftest import free_port

@@ -23,7 +23,7 @@ from model.errors import VPDSRError
 from ..batcher import Priority
 from ..engine import InferenceEngine
 from ..failures import Failure, Retry
-from ..schemas import UpscaleParams
+from ..schemas import UpscaleOptions
 from ..settings import Settings
 from ..upscale import run_upscale
 from .runtime import JobSystem
@@ -32,7 +32,7 @@ from .runtime import JobSystem
 def make_processor(engine: InferenceEngine, settings: Settings) -> Processor:
     async def process(job: JobInput) -> JobOutput:
         try:
-            params = UpscaleParams.model_validate(job.options)
+            params = UpscaleOptions.model_validate(job.options)
         except ValidationError as exc:
             raise PermanentJobError("invalid_parameter", "the job's stored options are invalid: "
                                     + "; ".join(err["msg"] for err in exc.errors(include_url=False))) from None
@@ -55,8 +55,9 @@ def make_processor(engine: InferenceEngine, settings: Settings) -> Processor:
                 await engine.background_ready()
             except VPDSRError as exc:  # the model's own validation (steps, tile, references)
                 raise PermanentJobError("invalid_parameter", str(exc)) from None
-        return JobOutput(done.body, done.media_type, done.meta(), waited_s=tried - began + done.queue_ms / 1000,
-                         compute_s=done.compute_ms / 1000)
+        meta = done.meta
+        return JobOutput(done.body, meta.media_type, meta.model_dump(mode="json"),
+                         waited_s=tried - began + meta.queue_ms / 1000, compute_s=meta.compute_ms / 1000)
 
     return process
 

@@ -35,8 +35,8 @@ from ..errors import ERROR_DESCRIPTIONS, ErrorResponse, HttpFailure, InvalidPara
 from ..decoding import decode
 from ..failures import Retry
 from ..imageio import read_upload
-from ..schemas import UpscaleParams
-from ..upscale import BINARY, REQUEST_BODY, merge_form_fields, to_options
+from ..schemas import UpscaleOptions
+from ..upscale import BINARY, REQUEST_BODY, ResultMeta, merge_form_fields
 from ..jobs.runtime import JobSystem
 from .disconnect import unless_disconnected
 
@@ -138,11 +138,10 @@ def status_body(request: Request, job: JobRecord) -> JobStatus:
     status_url = str(request.url_for("get_job", job_id=job.id).path)
     result = None
     if job.state is JobState.SUCCEEDED and job.result_content_type:
-        meta = job.result_meta
+        meta = ResultMeta.model_validate(job.result_meta)
         result = JobResultInfo(
-            content_type=job.result_content_type,
-            size=job.result_size or 0,
-            **{k: meta.get(k) for k in ("width", "height", "seed", "steps", "model", "version")},
+            content_type=job.result_content_type, size=job.result_size or 0, width=meta.width, height=meta.height,
+            seed=meta.seed, steps=meta.steps, model=meta.model, version=meta.version,
         )
     # A retried (queued again) or failed job still holds its last attempt's progress: not shown.
     progress = job.progress if job.state in (JobState.RUNNING, JobState.SUCCEEDED) else None
@@ -226,7 +225,7 @@ router = APIRouter(prefix="/v1", tags=["jobs"], dependencies=[Depends(require_ap
 )
 async def submit_job(
     request: Request,
-    params: Annotated[UpscaleParams, Query()],
+    params: Annotated[UpscaleOptions, Query()],
     owner: Owner,
     jobs: JobsDep,
     settings: SettingsDep,
@@ -249,7 +248,7 @@ async def submit_job(
     # Validate now, like /v1/upscale would, so that bad input is a 4xx here and not a failed job.
     decoded = await unless_disconnected(request, decode(upload.data, settings))
     if engine.state is EngineState.READY:  # options and cost need the model (tiles); else the worker checks
-        engine.check_job(decoded.image.width, decoded.image.height, to_options(options))
+        engine.check_job(decoded.image.width, decoded.image.height, options)
     stored = options.model_dump(exclude_none=True)
     async with redis_guard():
         try:
@@ -315,7 +314,7 @@ async def get_result(job_id: str, owner: Owner, jobs: JobsDep) -> Response:
         data = await queue.result(job_id)
     if data is None:
         raise JobNotFound(f"the result of job {job_id!r} expired")
-    headers = {str(k): str(v) for k, v in job.result_meta.get("headers", {}).items()}
+    headers = ResultMeta.model_validate(job.result_meta).headers
     return Response(data, media_type=job.result_content_type or "application/octet-stream", headers=headers)
 
 

@@ -16,7 +16,7 @@ from ..auth import require_api_key
 from ..dependencies import EngineDep, SettingsDep
 from ..errors import error_responses
 from ..imageio import MEDIA_TYPES, read_upload
-from ..schemas import UpscaleJSON, UpscaleParams
+from ..schemas import UpscaleJSON, UpscaleOptions
 from ..upscale import BINARY, REQUEST_BODY, merge_form_fields, run_upscale
 from .disconnect import unless_disconnected
 
@@ -50,7 +50,7 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
     openapi_extra={"requestBody": REQUEST_BODY},
 )
 async def upscale(
-    request: Request, params: Annotated[UpscaleParams, Query()], settings: SettingsDep, engine: EngineDep
+    request: Request, params: Annotated[UpscaleOptions, Query()], settings: SettingsDep, engine: EngineDep
 ) -> Response:
     engine.ready_pipeline()  # refuse before reading a body we could not process
     upload = await read_upload(request, settings.max_body_bytes)
@@ -58,8 +58,8 @@ async def upscale(
     deadline = time.monotonic() + settings.request_timeout_s
     done = await unless_disconnected(request, run_upscale(engine, settings, upload.data, options, deadline=deadline))
     if wants_json(request.headers.get("accept", "")):
-        return JSONResponse(done.json().model_dump(), headers=done.headers)
-    return Response(done.body, media_type=done.media_type, headers=done.headers)
+        return JSONResponse(done.json().model_dump(), headers=done.meta.headers)
+    return Response(done.body, media_type=done.meta.media_type, headers=done.meta.headers)
 
 
 def wants_json(accept: str) -> bool:
