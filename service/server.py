@@ -10,14 +10,14 @@ import socket
 from typing import Any
 
 import uvicorn
-from fastapi import FastAPI
+from starlette.applications import Starlette
 
 from .app import BackgroundWork
 from .connections import http_protocol
 from .settings import Settings
 
 
-def uvicorn_config(app: FastAPI, settings: Settings, **overrides: Any) -> uvicorn.Config:
+def uvicorn_config(app: Starlette, settings: Settings, **overrides: Any) -> uvicorn.Config:
     """The header timeout and ``max_connections`` (:mod:`service.connections`) and the body
     timeouts (:mod:`service.body_timeout`) bound what idle or stalled clients can hold;
     ``shutdown_timeout_s`` bounds how long they can delay an exit."""
@@ -37,9 +37,11 @@ class Server(uvicorn.Server):
     """uvicorn's server, plus: as soon as exit is requested (SIGTERM, SIGINT, ``should_exit``), the
     app stops taking background work, before uvicorn waits up to ``shutdown_timeout_s`` for open
     connections. uvicorn's own order (drain, then the lifespan's shutdown) left the job consumer
-    taking new jobs for as long as a stalled upload kept its connection open."""
+    taking new jobs for as long as a stalled upload kept its connection open. ``app`` is what
+    :func:`service.app.create_app` made (its state holds the :class:`BackgroundWork`); typed as the
+    ASGI framework's base class, since nothing here needs FastAPI's own."""
 
-    def __init__(self, app: FastAPI, settings: Settings, **overrides: Any) -> None:
+    def __init__(self, app: Starlette, settings: Settings, **overrides: Any) -> None:
         super().__init__(uvicorn_config(app, settings, **overrides))
         self.background: BackgroundWork = app.state.background
 

@@ -21,15 +21,13 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
-from fastapi.security import HTTPAuthorizationCredentials
 from pydantic import BaseModel, Field
 
 from jobqueue.consumer import REDIS_DOWN
 from jobqueue.keys import JobState
 from jobqueue.queue import BacklogFull, JobQueue, JobRecord, fingerprint
 
-from ..auth import bearer, require_api_key
-from ..dependencies import EngineDep, JobsDep, SettingsDep
+from ..dependencies import BearerDep, EngineDep, JobsDep, SettingsDep, require_api_key
 from ..engine import EngineState
 from ..errors import ERROR_DESCRIPTIONS, ErrorResponse, HttpFailure, InvalidParameters
 from ..decoding import decode
@@ -179,9 +177,7 @@ def _unavailable() -> JobsUnavailable:
     )
 
 
-async def job_owner(
-    settings: SettingsDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
-) -> str:
+async def job_owner(settings: SettingsDep, credentials: BearerDep) -> str:
     """Who a request's jobs belong to: the SHA-256 of its API key (checked by ``require_api_key``),
     or "" when the server has no API keys. Only a hash is stored, never the key."""
     if not settings.api_keys or credentials is None:

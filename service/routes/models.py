@@ -7,8 +7,7 @@ from fastapi.concurrency import run_in_threadpool
 
 from model import Registry
 
-from ..auth import require_api_key
-from ..dependencies import EngineDep, SettingsDep
+from ..dependencies import EngineDep, SettingsDep, require_api_key
 from ..engine import InferenceEngine
 from ..errors import error_responses
 from ..schemas import LoadedModel, ModelsResponse

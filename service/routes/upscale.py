@@ -12,8 +12,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import JSONResponse
 
-from ..auth import require_api_key
-from ..dependencies import EngineDep, SettingsDep
+from ..dependencies import EngineDep, SettingsDep, require_api_key
 from ..errors import error_responses
 from ..imageio import MEDIA_TYPES, read_upload
 from ..schemas import UpscaleJSON, UpscaleOptions
