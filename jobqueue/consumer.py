@@ -333,13 +333,7 @@ class JobConsumer:
         if self.ready is None:
             return True
         ready = asyncio.ensure_future(self.ready())
-        stopping = asyncio.ensure_future(self._stopping.wait())
-        try:
-            await asyncio.wait({ready, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in (ready, stopping):
-                task.cancel()
-            await asyncio.gather(ready, stopping, return_exceptions=True)
+        await _first_of(ready, asyncio.ensure_future(self._stopping.wait()))
         if not ready.cancelled():
             ready.result()  # the hook's own failure (e.g. the engine stopped) goes to run()
         return not self._stopping.is_set()
@@ -447,17 +441,22 @@ class JobConsumer:
             log.warning("job %s: left pending on shutdown", delivery.job_id)
 
 
+async def _first_of(work: asyncio.Future[Any], stop: asyncio.Future[Any]) -> None:
+    """Wait until ``work`` or ``stop`` is done, then cancel the other and reap both (also when this
+    wait itself is cancelled), so neither outlives it: ``work.cancelled()`` then says who won."""
+    try:
+        await asyncio.wait({work, stop}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (work, stop):
+            task.cancel()
+        await asyncio.gather(work, stop, return_exceptions=True)
+
+
 async def _unless_cancelled(work: Awaitable[JobOutput], cancelled: asyncio.Event) -> JobOutput:
     """The processor's output, or :class:`JobCancelled` as soon as ``cancelled`` is set: the
     processor is cancelled, so the engine drops the job's tiles that have not run yet."""
     processing = asyncio.ensure_future(work)
-    watching = asyncio.ensure_future(cancelled.wait())
-    try:
-        await asyncio.wait({processing, watching}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in (processing, watching):
-            task.cancel()
-        await asyncio.gather(processing, watching, return_exceptions=True)
+    await _first_of(processing, asyncio.ensure_future(cancelled.wait()))
     if processing.cancelled():
         raise JobCancelled()
     return processing.result()

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from model import SRPipeline
 from service import engine as engine_module
-from service.costs import TileCosts, largest_fitting
+from service.costs import largest_fitting
 from service.engine import InferenceEngine
 from service.failures import ComputeTimeout, TooLargeForSync
 from service.prometheus import Metrics
@@ -200,30 +200,6 @@ async def test_a_request_that_runs_out_of_time_says_what_to_do(tiny_registry: Pa
     finally:
         model.gate.set()
         await engine.stop()
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def test_an_idle_estimate_decays_no_lower_than_the_fastest_batch() -> None:
-    """Warm-up alone may have run under contention, so it decays towards zero (a request gets
-    through and measures); once real batches have run, it decays no lower than the fastest of them,
-    so an idle hour does not admit an image the machine has shown it cannot finish in time."""
-    clock = Clock()
-    costs = TileCosts(clock=clock)
-    costs.warmed({64: 2.0}, steps=1)
-    clock.now += 3600
-    assert costs.seconds((64, 1), 1) < 1e-6
-    costs.warmed({64: 2.0}, steps=1)
-    costs.measured((64, 1), 1.0, 1)
-    costs.measured((64, 1), 1.5, 1)
-    clock.now += 3600
-    assert costs.seconds((64, 1), 1) == pytest.approx(1.0)
 
 
 def test_largest_fitting_keeps_the_shape() -> None:
