@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 
 from model import SRPipeline
+from service.decoding import decode
 from service.engine import InferenceEngine, load_pipeline
 from jobqueue.consumer import JobConsumer
 from jobqueue.metrics import JobMetrics
@@ -47,6 +48,7 @@ async def test_job_waits_for_the_model_and_for_room(tiny_registry: Path, redis: 
         return load_pipeline(settings)
 
     engine = InferenceEngine(settings, Metrics(), load=slow_load)
+    await decode(png(16, seed=1), settings)  # the decoder's processes are up: the job reaches the engine at once
     queue = JobQueue(redis, ttl_s=60, visibility_timeout_s=5, max_attempts=1, stream_maxlen=100)
     job_id = (await queue.submit(png(80, seed=3), None, {"seed": 5})).job.id  # 16 tiles > max_queue 4
     consumer = JobConsumer(queue, make_processor(engine, settings), name="c", block_ms=50,
