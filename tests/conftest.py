@@ -52,6 +52,16 @@ def float32_auto_on_every_cpu() -> Iterator[None]:
         yield
 
 
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Tiny networks on shared cores run several times faster on one thread than on two
+    (``pytestmark = pytest.mark.usefixtures("one_thread")`` in a module that wants it)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_config(kind: str = "student", inference_steps: int = 1) -> ModelConfig:
     """A model small enough to run a 64² image in well under a second on one CPU core."""
     return ModelConfig(unet=TINY_UNET, autoencoder=TINY_AUTOENCODER, inference_steps=inference_steps, kind=kind)

@@ -14,7 +14,6 @@ import io
 import re
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -209,8 +208,5 @@ def test_largest_fitting_keeps_the_shape() -> None:
 
 
 @pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+def _single_thread(one_thread: None) -> None:
+    """Every test of this module on one torch thread (conftest's one_thread)."""
