@@ -134,11 +134,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Cut COUNT random SIZE² crops from the images of SOURCES (folders or list files), "
         "allotted in proportion to image area, into OUT_DIR; train on OUT_DIR with --data.",
     )
-    parser.add_argument("sources", type=Path, nargs="+", metavar="SOURCE", help="folders of images, or .txt lists")
-    parser.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="receives the crops (PNGs, or JPEGs with --jpeg-quality)")
+    _bank_arguments(parser, "the crops (PNGs, or JPEGs with --jpeg-quality)", count=4000, counted="crops in all")
     parser.add_argument("--size", type=int, default=256, help="crop side in pixels")
-    parser.add_argument("--count", type=int, default=4000, help="number of crops in all")
-    parser.add_argument("--seed", type=int, default=0, help="same sources and seed, same bank")
     parser.add_argument("--jpeg-quality", type=int, default=None, metavar="Q",
                         help="write JPEGs at quality Q (1-100, no chroma subsampling) instead of PNGs: a bank "
                         "small enough to carry to a device machine")
@@ -150,13 +147,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Cut random crops from SOURCES, degrade them (Real-ESRGAN second order) and upscale the LR "
         "with the teacher once; distil from OUT_DIR with --set pixel_teacher.bank=OUT_DIR. Appends to an existing bank.",
     )
-    parser.add_argument("sources", type=Path, nargs="+", metavar="SOURCE", help="folders of HR images, or .txt lists")
-    parser.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="receives shard-NNNN.pt files")
+    _bank_arguments(parser, "shard-NNNN.pt files", count=1000, counted="triples to add")
     parser.add_argument("--teacher", default="realesrgan-x4plus", choices=["realesrgan-x4plus"],
                         help="pixel-space ×4 teacher (Real-ESRGAN x4plus needs the compare extra)")
     parser.add_argument("--lr-size", type=int, default=32, help="LR crop side; HR and teacher crops are 4× that")
-    parser.add_argument("--count", type=int, default=1000, help="triples to add")
-    parser.add_argument("--seed", type=int, default=0, help="same sources and seed, same triples")
     parser.add_argument("--bicubic-prob", type=float, default=0.0,
                         help="share of triples whose LR is a clean bicubic ×1/4 instead of the degradation chain")
     parser.set_defaults(handler=teacher_bank)
+
+
+def _bank_arguments(parser: argparse.ArgumentParser, receives: str, count: int, counted: str) -> None:
+    """What the two bank commands share: HR sources, an output folder, a count and a seed (the
+    same sources and seed give the same bank)."""
+    parser.add_argument("sources", type=Path, nargs="+", metavar="SOURCE", help="folders of HR images, or .txt lists")
+    parser.add_argument("out_dir", type=Path, metavar="OUT_DIR", help=f"receives {receives}")
+    parser.add_argument("--count", type=int, default=count, help=f"number of {counted}")
+    parser.add_argument("--seed", type=int, default=0, help="same sources and seed, same bank")
