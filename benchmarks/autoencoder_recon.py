@@ -5,7 +5,8 @@
 
 The ceiling of every model in that latent space: the diffusion stages can at best hand the decoder
 the HR image's own latent. Any entry with autoencoder weights works (autoencoders, teachers,
-students). Prints one line per entry; one CPU thread.
+students). Prints the bar first (the HR images' own NIQE; bicubic of their ×1/4 LR), then one line
+per entry; one CPU thread.
 """
 
 from __future__ import annotations
@@ -34,6 +35,20 @@ def reconstruct(autoencoder: VQAutoencoder, image: Image.Image) -> Image.Image:
     return Image.fromarray(((y[0].permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().byte().numpy())
 
 
+def print_references(images: list[Image.Image], data: Path) -> None:
+    """The bar of the same run: the HR images' own NIQE, and bicubic of their ×1/4 LR (PIL)."""
+    own, psnr, quality = [], [], []
+    for image in images:
+        hr = image.crop((0, 0, image.width // 4 * 4, image.height // 4 * 4))
+        lr = hr.resize((hr.width // 4, hr.height // 4), Image.Resampling.BICUBIC)
+        bicubic = lr.resize(hr.size, Image.Resampling.BICUBIC)
+        own.append(niqe(np.asarray(hr)))
+        psnr.append(psnr_y(bicubic, hr, border=4))
+        quality.append(niqe(np.asarray(bicubic)))
+    print(f"HR itself: NIQE {statistics.fmean(own):.2f}; bicubic of the x1/4 LR: PSNR-Y {statistics.fmean(psnr):.2f} "
+          f"NIQE {statistics.fmean(quality):.2f} ({len(images)} images of {data})")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("models", nargs="+", metavar="REF")
@@ -42,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     images = [read_image(p).convert("RGB") for p in list_images([args.data])]
+    print_references(images, args.data)
     for ref in args.models:
         entry = Registry(args.registry).resolve(ref)
         autoencoder = VQAutoencoder.from_config(entry.config().autoencoder)

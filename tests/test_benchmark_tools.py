@@ -39,7 +39,9 @@ def test_autoencoder_recon_prints_psnr_and_niqe_per_entry(tmp_path: Path, capsys
     Image.open(next((FIXTURES / "heldout" / "CSet5").glob("*.png"))).convert("RGB").crop((0, 0, 200, 200)).save(data / "a.png")
     module = importlib.import_module("autoencoder_recon")
     assert module.main(["--registry", str(tmp_path / "registry"), "--data", str(data), "tiny"]) == 0
-    line = capsys.readouterr().out.strip()
+    references, line = capsys.readouterr().out.strip().splitlines()
+    assert re.fullmatch(r"HR itself: NIQE \d+\.\d\d; bicubic of the x1/4 LR: PSNR-Y \d+\.\d\d NIQE \d+\.\d\d "
+                        r"\(1 images of .*\)", references), references
     assert re.fullmatch(r"tiny:1: PSNR-Y \d+\.\d\d NIQE \d+\.\d\d \(1 images of .*\)", line), line
 
 
