@@ -23,18 +23,16 @@ from model.registry import Registry, RegistryEntry
 
 from . import trainer as trainer_lib
 from .adversary import Adversary, DiscriminatorSetup
-from .config_files import Config
-from .data import DataConfig
 from .losses import detail_l1
 from .resampler_init import check as check_resampler
 from .resampler_init import init_as_resampler
-from .trainer import Losses, LossTerm, OptimConfig, Publication, RunConfig, Trainer
+from .trainer import Losses, LossTerm, OptimConfig, Publication, RunConfig, StageConfig, Trainer
 from .warm_start import warm_start
 
 KIND = "autoencoder"
 
 
-class AutoencoderTrainConfig(Config):
+class AutoencoderTrainConfig(StageConfig):
     """Everything an autoencoder run needs (``training/configs/autoencoder-*.yaml``)."""
 
     name: str = "vq-f4"
@@ -69,7 +67,6 @@ class AutoencoderTrainConfig(Config):
     ``vpdsr registry copy --autoencoder`` then swaps it into a trained model."""
     discriminator: DiscriminatorSetup = Field(default_factory=DiscriminatorSetup)
     optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=1e-4, betas=(0.5, 0.9)))
-    data: DataConfig = Field(default_factory=DataConfig)
     run: RunConfig = Field(default_factory=lambda: RunConfig(ema_decay=None))
 
     @model_validator(mode="after")

@@ -42,12 +42,11 @@ from model.unet import SwinUNet
 from . import trainer as trainer_lib
 from .adversary import Adversary, DiscriminatorSetup
 from .config_files import Config, ConfigError, to_plain
-from .data import DataConfig
 from .degradations import DegradationConfig, Degrader
 from .latents import AutoencoderSource, Pair, build_codec, check_sizes, frozen_codec, make_pair
 from .losses import ClipConfig, ClipSemanticLoss, ClipWeightsMissing, detail_l1, distill_loss, hfp_loss
 from .teacher_bank import TeacherBank
-from .trainer import Losses, LossTerm, OptimConfig, Publication, RunConfig, Trainer
+from .trainer import Losses, LossTerm, Publication, RunConfig, StageConfig, Trainer
 from .warm_start import warm_start
 
 KIND = "student"
@@ -102,7 +101,7 @@ class PixelTeacherSetup(Config):
     sharp images. The published student carries the trained decoder."""
 
 
-class DistillTrainConfig(Config):
+class DistillTrainConfig(StageConfig):
     """Everything a distillation run needs (``training/configs/distill-*.yaml``); defaults: the paper's."""
 
     name: str = "vpdsr"
@@ -119,8 +118,6 @@ class DistillTrainConfig(Config):
     clip: ClipConfig = Field(default_factory=ClipConfig)
     discriminator: DiscriminatorSetup = Field(default_factory=DiscriminatorSetup)
     degradation: DegradationConfig = Field(default_factory=DegradationConfig)
-    optim: OptimConfig = Field(default_factory=OptimConfig)
-    data: DataConfig = Field(default_factory=DataConfig)
     run: RunConfig = Field(default_factory=lambda: RunConfig(steps=30_000))
     adaptive_weight: bool = False
     """Scale λ_adv by VQGAN's adaptive factor against L_distill at the student's output layer

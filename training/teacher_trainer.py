@@ -23,17 +23,15 @@ from model.schedule import ResShiftSchedule
 from model.unet import SwinUNet
 
 from . import trainer as trainer_lib
-from .config_files import Config
-from .data import DataConfig
 from .degradations import DegradationConfig, Degrader
 from .latents import AutoencoderSource, build_codec, check_sizes, make_pair
-from .trainer import Losses, OptimConfig, Publication, RunConfig, Trainer
+from .trainer import Losses, Publication, StageConfig, Trainer
 from .warm_start import warm_start
 
 KIND = "teacher"
 
 
-class TeacherTrainConfig(Config):
+class TeacherTrainConfig(StageConfig):
     """Everything a teacher run needs (``training/configs/teacher-*.yaml``); defaults: ResShift v1 ×4."""
 
     name: str = "resshift-teacher"
@@ -41,9 +39,6 @@ class TeacherTrainConfig(Config):
     diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig)
     autoencoder: AutoencoderSource = Field(default_factory=AutoencoderSource)
     degradation: DegradationConfig = Field(default_factory=DegradationConfig)
-    optim: OptimConfig = Field(default_factory=OptimConfig)
-    data: DataConfig = Field(default_factory=DataConfig)
-    run: RunConfig = Field(default_factory=RunConfig)
     init_from: str | None = None
     """Registry reference (a teacher, or a student of the same UNet) whose UNet weights start the run:
     fine-tuning a trained model to new degradations (``training/warm_start.py``)."""

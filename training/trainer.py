@@ -112,6 +112,17 @@ class RunConfig(Config):
     out_dir: Path = Path("runs/train")
 
 
+class StageConfig(Config):
+    """What every stage's configuration holds for the loop (:func:`train`): the registry name it
+    publishes under, its optimiser, its data and its run. A stage's config adds its networks and
+    losses, and may change these defaults (``RunConfig(ema_decay=None)`` for the autoencoder)."""
+
+    name: str
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+
+
 @dataclass
 class Part:
     """One trained network: the module itself (weights, EMA), what to call (DDP wrapper), its optimiser."""
@@ -168,12 +179,6 @@ class Stage(Objective, Protocol):
         ...
 
 
-class TrainConfig(Protocol):
-    @property
-    def run(self) -> RunConfig: ...
-
-    @property
-    def data(self) -> DataConfig: ...
 
 
 @contextlib.contextmanager
@@ -472,7 +477,7 @@ class Trainer:
 
 
 def train(
-    config: TrainConfig, registry: Registry, build: Callable[[Trainer], Stage], resume: str | Path | None = None
+    config: StageConfig, registry: Registry, build: Callable[[Trainer], Stage], resume: str | Path | None = None
 ) -> RegistryEntry | None:
     """The life of a run: set up, build the stage's networks, resume, fit, publish (rank 0), tear down.
 
