@@ -8,7 +8,7 @@ Registered in the ``vpdsr`` command line through the ``vpdsr.commands`` entry-po
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -97,6 +97,8 @@ def teacher_bank(args: argparse.Namespace) -> int:
     """The ``vpdsr teacher-bank`` handler."""
     from tqdm import tqdm
 
+    from model.device import resolve_dtype
+
     from .degradations import DegradationConfig
     from .teacher_bank import make_teacher_bank
 
@@ -106,7 +108,8 @@ def teacher_bank(args: argparse.Namespace) -> int:
         raise VPDSRError(f"--lr-size must be at least 8 and --count positive, got {args.lr_size} and {args.count}")
     with _user_errors(), tqdm(total=args.count, unit="triple") as bar:
         total = make_teacher_bank(
-            args.sources, args.out_dir, teacher=args.teacher, lr_size=args.lr_size, count=args.count, seed=args.seed,
+            args.sources, args.out_dir, teacher=args.teacher, dtype=resolve_dtype(args.dtype),
+            lr_size=args.lr_size, count=args.count, seed=args.seed,
             degradation=DegradationConfig(kind="realesrgan", bicubic_prob=args.bicubic_prob),
             progress=lambda made: bar.update(made - bar.n),
         )
@@ -128,38 +131,45 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--crop", type=int, default=256, help="HR crop size; LR is a quarter of it")
     parser.set_defaults(handler=degrade)
 
-    parser = subparsers.add_parser(
-        "crops",
+    parser = _bank_parser(
+        subparsers, "crops", crops,
         help="cut a bank of HR training crops, as many per image as its area deserves",
         description="Cut COUNT random SIZE² crops from the images of SOURCES (folders or list files), "
         "allotted in proportion to image area, into OUT_DIR; train on OUT_DIR with --data.",
+        receives="the crops (PNGs, or JPEGs with --jpeg-quality)", count=4000, counted="crops in all",
     )
-    _bank_arguments(parser, "the crops (PNGs, or JPEGs with --jpeg-quality)", count=4000, counted="crops in all")
     parser.add_argument("--size", type=int, default=256, help="crop side in pixels")
     parser.add_argument("--jpeg-quality", type=int, default=None, metavar="Q",
                         help="write JPEGs at quality Q (1-100, no chroma subsampling) instead of PNGs: a bank "
                         "small enough to carry to a device machine")
-    parser.set_defaults(handler=crops)
 
-    parser = subparsers.add_parser(
-        "teacher-bank",
+    parser = _bank_parser(
+        subparsers, "teacher-bank", teacher_bank,
         help="degrade HR crops and upscale them with a pixel-space teacher, for `vpdsr train distill`",
         description="Cut random crops from SOURCES, degrade them (Real-ESRGAN second order) and upscale the LR "
         "with the teacher once; distil from OUT_DIR with --set pixel_teacher.bank=OUT_DIR. Appends to an existing bank.",
+        receives="shard-NNNN.pt files", count=1000, counted="triples to add",
     )
-    _bank_arguments(parser, "shard-NNNN.pt files", count=1000, counted="triples to add")
     parser.add_argument("--teacher", default="realesrgan-x4plus", choices=["realesrgan-x4plus"],
                         help="pixel-space ×4 teacher (Real-ESRGAN x4plus needs the compare extra)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                        help="the teacher's precision; auto: bf16 autocast on CPUs with bf16 units (4× faster, "
+                        "48.8 dB from float32's output), else float32")
     parser.add_argument("--lr-size", type=int, default=32, help="LR crop side; HR and teacher crops are 4× that")
     parser.add_argument("--bicubic-prob", type=float, default=0.0,
                         help="share of triples whose LR is a clean bicubic ×1/4 instead of the degradation chain")
-    parser.set_defaults(handler=teacher_bank)
 
 
-def _bank_arguments(parser: argparse.ArgumentParser, receives: str, count: int, counted: str) -> None:
-    """What the two bank commands share: HR sources, an output folder, a count and a seed (the
-    same sources and seed give the same bank)."""
+def _bank_parser(
+    subparsers: argparse._SubParsersAction, name: str, handler: Callable[[argparse.Namespace], int], *,
+    help: str, description: str, receives: str, count: int, counted: str,
+) -> argparse.ArgumentParser:
+    """A bank command's parser with what the two bank commands share: HR sources, an output folder,
+    a count and a seed (the same sources and seed give the same bank)."""
+    parser = subparsers.add_parser(name, help=help, description=description)
+    parser.set_defaults(handler=handler)
     parser.add_argument("sources", type=Path, nargs="+", metavar="SOURCE", help="folders of HR images, or .txt lists")
     parser.add_argument("out_dir", type=Path, metavar="OUT_DIR", help=f"receives {receives}")
     parser.add_argument("--count", type=int, default=count, help=f"number of {counted}")
     parser.add_argument("--seed", type=int, default=0, help="same sources and seed, same bank")
+    return parser
