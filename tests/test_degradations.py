@@ -297,7 +297,7 @@ def test_bicubic_kind_matches_pil_bicubic_downsampling() -> None:
 
     rng = np.random.default_rng(0)
     hr = (rng.random((64, 96, 3)) * 255).astype(np.uint8)
-    hr = np.asarray(Image.fromarray(hr).resize((48, 32), Image.Resampling.BICUBIC).resize((96, 64)))
+    hr = np.array(Image.fromarray(hr).resize((48, 32), Image.Resampling.BICUBIC).resize((96, 64)))
     pil = np.asarray(Image.fromarray(hr).resize((24, 16), Image.Resampling.BICUBIC), dtype=np.float32)
     tensor = torch.from_numpy(hr).permute(2, 0, 1)[None].float() / 255
     lr = Degrader(DegradationConfig(kind="bicubic"))(tensor, 0)[0].permute(1, 2, 0).numpy() * 255
