@@ -179,8 +179,6 @@ class Stage(Objective, Protocol):
         ...
 
 
-
-
 @contextlib.contextmanager
 def frozen(module: nn.Module) -> Iterator[nn.Module]:
     """Use ``module`` without accumulating gradients into its weights (gradients still reach its input)."""
