@@ -17,7 +17,7 @@ from model.registry import Registry
 from tests.test_trainer import IMAGES, check_resume_is_exact, metrics, train
 from training.config_files import ConfigError, load_config, parse_override
 from training.distill_trainer import DistillTrainConfig
-from training.teacher_bank import TeacherBank, make_teacher_bank
+from training.teacher_bank import TeacherBank, load_teacher, make_teacher_bank
 from training.trainer import RunConfig, Trainer
 
 CONTINUOUS = AutoencoderConfig(
@@ -97,8 +97,6 @@ def test_teacher_bank_holds_aligned_triples_and_streams_them_resumably(bank: Pat
 def test_the_bf16_teacher_stays_within_the_quality_guard_of_float32() -> None:
     """bf16 autocast + channels-last makes the bank 4× faster on AMX; its triples must be float32's
     up to rounding that no student can learn (the quality guard of serving: ≥ 40 dB)."""
-    from training.teacher_bank import load_teacher
-
     from torchvision.transforms.functional import to_tensor
 
     with Image.open(IMAGES / "101085.jpg") as photo:

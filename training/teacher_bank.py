@@ -53,7 +53,7 @@ def load_teacher(name: str, dtype: torch.dtype = torch.float32) -> Callable[[Ten
         if bf16:
             lr = lr.contiguous(memory_format=torch.channels_last)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            return model(lr).float().clamp(0, 1).contiguous()
+            return model(lr).float().clamp(0, 1)
 
     return teach
 
