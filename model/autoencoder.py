@@ -36,8 +36,10 @@ from model.norm import GroupNorm32
 
 __all__ = ["Continuous", "VQAutoencoder", "VectorQuantizer"]
 
-# Distance-matrix elements per nearest-code search chunk (64 MiB in float32).
-_SEARCH_CHUNK_ELEMENTS = 1 << 24
+# Distance-matrix elements per nearest-code search chunk (4 MiB in float32). The search is memory-bound
+# (a 3-channel latent makes the product a rank-3 update): a chunk that stays in the CPU's caches runs
+# the five passes over it 3.4x faster than a 64 MiB one (8192 codes, 18k latent pixels, 2 threads).
+_SEARCH_CHUNK_ELEMENTS = 1 << 20
 # Attention-weight elements per query chunk (256 MiB in float32 if SDPA falls back to maths).
 _ATTENTION_CHUNK_ELEMENTS = 1 << 26
 
@@ -297,9 +299,10 @@ class VectorQuantizer(nn.Module):
             code_sq = codes.square().sum(dim=1)
             rows = max(1, _SEARCH_CHUNK_ELEMENTS // self.n_embed)
             # ||z||^2 + ||e||^2 - 2 z.e, the expression the reference minimises, so near-ties
-            # resolve the same way.
+            # resolve the same way; min's indices are argmin's (the first minimum of a row), found
+            # 3-4x faster by PyTorch's CPU kernels.
             indices = [
-                (part.square().sum(dim=1, keepdim=True) + code_sq - 2.0 * part @ codes.t()).argmin(dim=1)
+                (part.square().sum(dim=1, keepdim=True) + code_sq - 2.0 * part @ codes.t()).min(dim=1).indices
                 for part in flat.split(rows)
             ]
         return torch.cat(indices).reshape(b, h, w)
