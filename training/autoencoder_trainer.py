@@ -37,6 +37,8 @@ class AutoencoderTrainConfig(StageConfig):
 
     name: str = "vq-f4"
     autoencoder: AutoencoderConfig = Field(default_factory=AutoencoderConfig)
+    """The architecture to train; its defaults are the official VQGAN f4's (3-channel latent, 8192
+    codes), which the small presets shrink or make continuous (``n_embed: 0``)."""
     l1: LossTerm = Field(default_factory=LossTerm)
     codebook: LossTerm = Field(default_factory=LossTerm)
     """Weight of codebook + commitment losses (the commitment β is inside the quantiser); off for a

@@ -8,6 +8,7 @@ Registered in the ``vpdsr`` command line through the ``vpdsr.commands`` entry-po
 from __future__ import annotations
 
 import argparse
+import inspect
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -80,7 +81,11 @@ def degrade(args: argparse.Namespace) -> int:
 
 
 def crops(args: argparse.Namespace) -> int:
-    """The ``vpdsr crops`` handler."""
+    """Cut a bank of HR training crops, as many per image as its area deserves.
+
+    Cut COUNT random SIZE² crops from the images of SOURCES (folders or list files), allotted in
+    proportion to image area, into OUT_DIR; train on OUT_DIR with --data.
+    """
     from .crop_bank import make_crop_bank
 
     if args.size < 32 or args.count < 1:
@@ -94,7 +99,12 @@ def crops(args: argparse.Namespace) -> int:
 
 
 def teacher_bank(args: argparse.Namespace) -> int:
-    """The ``vpdsr teacher-bank`` handler."""
+    """Degrade HR crops and upscale them with a pixel-space teacher, for `vpdsr train distill`.
+
+    Cut random crops from SOURCES, degrade them (Real-ESRGAN second order) and upscale the LR with
+    the teacher once; distil from OUT_DIR with --set pixel_teacher.bank=OUT_DIR. Appends to an
+    existing bank.
+    """
     from tqdm import tqdm
 
     from model.device import resolve_dtype
@@ -131,25 +141,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--crop", type=int, default=256, help="HR crop size; LR is a quarter of it")
     parser.set_defaults(handler=degrade)
 
-    parser = _bank_parser(
-        subparsers, "crops", crops,
-        help="cut a bank of HR training crops, as many per image as its area deserves",
-        description="Cut COUNT random SIZE² crops from the images of SOURCES (folders or list files), "
-        "allotted in proportion to image area, into OUT_DIR; train on OUT_DIR with --data.",
-        receives="the crops (PNGs, or JPEGs with --jpeg-quality)", count=4000, counted="crops in all",
-    )
+    parser = _bank_parser(subparsers, "crops", crops, receives="the crops (PNGs, or JPEGs with --jpeg-quality)",
+                          count=4000, counted="crops in all")
     parser.add_argument("--size", type=int, default=256, help="crop side in pixels")
     parser.add_argument("--jpeg-quality", type=int, default=None, metavar="Q",
                         help="write JPEGs at quality Q (1-100, no chroma subsampling) instead of PNGs: a bank "
                         "small enough to carry to a device machine")
 
-    parser = _bank_parser(
-        subparsers, "teacher-bank", teacher_bank,
-        help="degrade HR crops and upscale them with a pixel-space teacher, for `vpdsr train distill`",
-        description="Cut random crops from SOURCES, degrade them (Real-ESRGAN second order) and upscale the LR "
-        "with the teacher once; distil from OUT_DIR with --set pixel_teacher.bank=OUT_DIR. Appends to an existing bank.",
-        receives="shard-NNNN.pt files", count=1000, counted="triples to add",
-    )
+    parser = _bank_parser(subparsers, "teacher-bank", teacher_bank, receives="shard-NNNN.pt files", count=1000,
+                          counted="triples to add")
     parser.add_argument("--teacher", default="realesrgan-x4plus", choices=["realesrgan-x4plus"],
                         help="pixel-space ×4 teacher (Real-ESRGAN x4plus needs the compare extra)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
@@ -162,11 +162,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _bank_parser(
     subparsers: argparse._SubParsersAction, name: str, handler: Callable[[argparse.Namespace], int], *,
-    help: str, description: str, receives: str, count: int, counted: str,
+    receives: str, count: int, counted: str,
 ) -> argparse.ArgumentParser:
     """A bank command's parser with what the two bank commands share: HR sources, an output folder,
-    a count and a seed (the same sources and seed give the same bank)."""
-    parser = subparsers.add_parser(name, help=help, description=description)
+    a count and a seed (the same sources and seed give the same bank). The handler's docstring is
+    its help: the summary line in ``vpdsr --help``, all of it in ``vpdsr NAME --help``."""
+    doc = inspect.cleandoc(handler.__doc__ or "")
+    summary = doc.partition("\n")[0].rstrip(".")
+    parser = subparsers.add_parser(name, help=summary[:1].lower() + summary[1:], description=doc)
     parser.set_defaults(handler=handler)
     parser.add_argument("sources", type=Path, nargs="+", metavar="SOURCE", help="folders of HR images, or .txt lists")
     parser.add_argument("out_dir", type=Path, metavar="OUT_DIR", help=f"receives {receives}")

@@ -38,6 +38,8 @@ class TeacherTrainConfig(StageConfig):
     unet: UNetConfig = Field(default_factory=UNetConfig)
     diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig)
     autoencoder: AutoencoderSource = Field(default_factory=AutoencoderSource)
+    """The frozen autoencoder whose latent space the teacher diffuses in; its entry (or the official
+    checkpoint) travels into the published teacher."""
     degradation: DegradationConfig = Field(default_factory=DegradationConfig)
     init_from: str | None = None
     """Registry reference (a teacher, or a student of the same UNet) whose UNet weights start the run:
