@@ -16,7 +16,7 @@ from model.pipeline import SRPipeline
 from model.registry import Registry
 from tests.test_trainer import IMAGES, check_resume_is_exact, metrics, train
 from training.config_files import ConfigError, load_config, parse_override
-from training.distill_trainer import DistillTrainConfig
+from training.distill_trainer import DistillStage, DistillTrainConfig
 from training.teacher_bank import TeacherBank, load_teacher, make_teacher_bank
 from training.trainer import RunConfig, Trainer
 
@@ -134,6 +134,33 @@ def test_trained_decoder_is_published_and_the_encoder_stays(tmp_path: Path, bank
 def test_distill_from_the_pixel_teacher_resumes_exactly(tmp_path: Path, bank: Path, registry: Path) -> None:
     sets = [item for s in [*TINY_PIXEL, f"pixel_teacher.bank={bank}", "run.max_minutes=null"] for item in ("--set", s)]
     check_resume_is_exact("distill", "distill-esrgan", registry, tmp_path, *sets)
+
+
+def test_image_discriminator_judges_the_decoded_student_against_the_teacher_image(
+    tmp_path: Path, bank: Path, registry: Path
+) -> None:
+    """distill-esrgan-gan: L_adv's PatchGAN sees RGB images; its generator term reaches the student
+    and the trained decoder, and its own loss (teacher image real, detached student fake) only itself."""
+    overrides = [parse_override(s) for s in [*TINY_PIXEL, f"pixel_teacher.bank={bank}", "pixel_teacher.init_from=null"]]
+    overrides += [("run.out_dir", str(tmp_path)), ("run.device", "cpu"), ("data.crop_size", 32), ("data.batch_size", 2)]
+    cfg = load_config(DistillTrainConfig, "distill-esrgan-gan", overrides)
+    trainer = Trainer(cfg.run, cfg)
+    try:
+        stage = DistillStage(cfg, trainer, Registry(registry), alias=None)
+        discriminator = stage.adversary.part.module  # type: ignore[union-attr]
+        assert discriminator.net[0].in_channels == 3
+        out = stage.losses(next(stage.batches(0)), step=0)  # type: ignore[arg-type]
+        assert set(out.log) >= PIXEL_TERMS | {"loss/adversarial", "loss/discriminator", "weight/adversarial"}
+        out.minimise["student"].backward(retain_graph=True)
+        for part in (stage.student.module, stage.decoder.module):  # type: ignore[union-attr]
+            assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters())
+        assert all(p.grad is None for p in discriminator.parameters())
+        before = [p.grad.clone() for p in stage.student.module.parameters()]
+        out.minimise["discriminator"].backward()
+        assert all(p.grad is not None for p in discriminator.parameters())
+        assert all(torch.equal(a, p.grad) for a, p in zip(before, stage.student.module.parameters()))  # fakes detached
+    finally:
+        trainer.close()
 
 
 @pytest.mark.parametrize(

@@ -10,11 +10,13 @@ image encoder stay frozen. Per micro-batch:
 3. ``L = L_distill + λ1 L_HFP + λ2 L_SD + λ3 L_adv`` with
    ``L_distill = MSE(z_tch, z_stu)``, ``L_HFP`` = MSE of the LH/HL/HH wavelet bands of ``z_stu`` and
    ``z_tch`` (MSE alone under-weights the teacher's fine detail), ``L_SD = 1 − cos(CLIP(D(z_stu)), CLIP(HR))`` (gradients through the
-   frozen decoder by straight-through quantisation), ``L_adv = −E[D(z_stu)]`` of a latent PatchGAN;
+   frozen decoder by straight-through quantisation), ``L_adv = −E[D(z_stu)]`` of a latent PatchGAN
+   (or ``−E[D(D_ae(z_stu))]`` of an image PatchGAN, ``discriminator_input: image``);
    optionally (off by default, not in the paper) ``L_fid = MSE(z0, z_stu)``, which ties the student
    to the HR latent itself as SinSR's ground-truth consistency term does: a briefly trained teacher
    hallucinates, and without it the student copies that;
-4. the discriminator steps in the same iteration with the hinge loss on ``z0`` vs detached ``z_stu``.
+4. the discriminator steps in the same iteration with the hinge loss on ``z0`` vs detached ``z_stu``
+   (image PatchGAN: the teacher's image, or the HR without a pixel teacher, vs the decoded student).
 
 Every term can be switched off (``losses.<term>.enabled``) for the paper's ablations. The registry
 entry (kind ``student``, ``inference_steps`` 1) holds the EMA student and the teacher's autoencoder.
@@ -24,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Self
+from typing import Literal, Self
 
 import torch
 import torch.nn.functional as F
@@ -117,6 +119,11 @@ class DistillTrainConfig(StageConfig):
     losses: DistillLosses = Field(default_factory=DistillLosses)
     clip: ClipConfig = Field(default_factory=ClipConfig)
     discriminator: DiscriminatorSetup = Field(default_factory=DiscriminatorSetup)
+    discriminator_input: Literal["latent", "image"] = "latent"
+    """What L_adv's PatchGAN sees: the paper's latents (``z0`` real, ``z_stu`` fake), or decoded images
+    (the pixel teacher's image, else the HR, real; ``D_ae(z_stu)`` fake). Judged in pixels, the
+    sharpness that a one-step regression averages away is what the generator is pushed to restore,
+    and its gradient reaches a trained decoder too."""
     degradation: DegradationConfig = Field(default_factory=DegradationConfig)
     run: RunConfig = Field(default_factory=lambda: RunConfig(steps=30_000))
     adaptive_weight: bool = False
@@ -175,9 +182,8 @@ class DistillStage:
                     f"the semantic loss (L_SD) needs CLIP weights: pass --clip-weights FILE (clip.pretrained_path) "
                     f"or switch it off with --set losses.semantic.enabled=false. {exc}"
                 ) from None
-        self.adversary = (
-            Adversary(trainer, cfg.discriminator, in_channels=mc.autoencoder.embed_dim) if "adversarial" in weights else None
-        )
+        channels = mc.autoencoder.ddconfig.out_ch if cfg.discriminator_input == "image" else mc.autoencoder.embed_dim
+        self.adversary = Adversary(trainer, cfg.discriminator, in_channels=channels) if "adversarial" in weights else None
 
     def _resshift_teacher(self) -> SwinUNet:
         """The paper's setting: a frozen multi-step ResShift teacher, whose UNet the student starts as."""
@@ -253,7 +259,8 @@ class DistillStage:
             terms["distill"] = distill_loss(z_tch, z_stu)
         if cfg.losses.fidelity.enabled:
             terms["fidelity"] = F.mse_loss(z_stu, pair.z0)
-        decoded = self.latents.decode(z_stu) if self.clip is not None or teacher_image is not None else None
+        image_adversary = self.adversary is not None and cfg.discriminator_input == "image"
+        decoded = self.latents.decode(z_stu) if self.clip is not None or teacher_image is not None or image_adversary else None
         # Outside autocast: pytorch_wavelets' autograd function fails in backward on half-precision grads.
         with torch.autocast(z_stu.device.type, enabled=False):
             if cfg.losses.hfp.enabled:
@@ -269,9 +276,13 @@ class DistillStage:
         adversarial = self.adversary is not None and self.adversary.active(step)
         weights: dict[str, float | Tensor] = dict(cfg.losses.student_terms())
         if adversarial:
+            if image_adversary:
+                fake, real = decoded, (teacher_image if teacher_image is not None else pair.hr)
+            else:
+                fake, real = z_stu, pair.z0
             balance = (terms["distill"], self.student.module.out[-1].weight) if cfg.adaptive_weight else None
             weights["adversarial"], terms["adversarial"] = self.adversary.generator_term(  # type: ignore[union-attr]
-                z_stu, weights["adversarial"], balance  # type: ignore[arg-type]
+                fake, weights["adversarial"], balance  # type: ignore[arg-type]
             )
         total = sum(weights[name] * value for name, value in terms.items())
         log = {f"loss/{name}": value for name, value in terms.items()} | {"loss/total": total}
@@ -279,7 +290,7 @@ class DistillStage:
             log["weight/adversarial"] = weights["adversarial"]
         minimise = {KIND: total}
         if adversarial:
-            minimise["discriminator"] = log["loss/discriminator"] = self.adversary.discriminator_loss(pair.z0, z_stu)  # type: ignore[union-attr]
+            minimise["discriminator"] = log["loss/discriminator"] = self.adversary.discriminator_loss(real, fake)  # type: ignore[union-attr]
         if self.decoder is not None and teacher_image is not None:
             minimise[DECODER] = log["loss/decoder"] = cfg.losses.decoder.weight * self.decoder_loss(z_tch, teacher_image)
         return Losses(minimise, log)  # type: ignore[arg-type]
@@ -300,7 +311,7 @@ class DistillStage:
             "clip": {"model_name": clip.model_name, "weights": Path(clip.pretrained_path).name if clip.pretrained_path else None}
             if self.clip is not None
             else None,
-            "discriminator": to_plain(cfg.discriminator) if self.adversary is not None else None,
+            "discriminator": to_plain(cfg.discriminator) | {"input": cfg.discriminator_input} if self.adversary is not None else None,
         }
         if self.bank is not None:
             provenance["teacher_bank"] = self.bank.meta | {"triples": len(self.bank)}
