@@ -170,3 +170,13 @@ def test_teacher_steps_sets_the_distillation_target(
             *only_mse]
     assert main(argv) == 2
     assert "teacher_steps 16 exceeds the teacher's 15 diffusion steps" in capsys.readouterr().err
+
+
+def test_image_discriminator_takes_the_hr_without_a_pixel_teacher(tmp_path: Path, registry: Path) -> None:
+    """``discriminator_input: image`` with a ResShift teacher: RGB PatchGAN, HR real, decoded student fake."""
+    train("distill", "distill-small", registry, tmp_path / "run", "--steps", "1", "--teacher", "tiny-teacher",
+          "--set", "losses.semantic.enabled=false", "--set", "discriminator_input=image",
+          "--set", "discriminator.network.n_layers=2")
+    assert {"loss/adversarial", "loss/discriminator"} <= set(metrics(tmp_path / "run")[0])
+    provenance = Registry(registry).resolve("vpdsr-small").config().provenance
+    assert provenance["discriminator"]["input"] == "image"
