@@ -178,3 +178,17 @@ def test_time_budget_plans_the_last_step() -> None:
     trainer.step, trainer.elapsed = 25, 60.5
     assert trainer.planned_steps() == 25  # out of time: the step just taken was the last
     assert Trainer(RunConfig(steps=7, device="cpu"), {}).planned_steps() == 7
+
+
+def test_a_config_extends_a_preset_and_changes_only_what_it_names(tmp_path: Path) -> None:
+    """``extends``: nested blocks merge key by key over the base preset; a cycle is a clear error."""
+    child = tmp_path / "child.yaml"
+    child.write_text("extends: distill-esrgan\npixel_teacher: {init_from: vpdsr-small:2}\nrun: {max_minutes: 5}\n")
+    base, cfg = load_config(DistillTrainConfig, "distill-esrgan"), load_config(DistillTrainConfig, child)
+    assert cfg.pixel_teacher is not None and base.pixel_teacher is not None
+    assert cfg.pixel_teacher.init_from == "vpdsr-small:2" and cfg.run.max_minutes == 5
+    assert cfg.pixel_teacher.unet == base.pixel_teacher.unet and cfg.run.steps == base.run.steps
+    (tmp_path / "a.yaml").write_text(f"extends: {tmp_path / 'b.yaml'}\n")
+    (tmp_path / "b.yaml").write_text(f"extends: {tmp_path / 'a.yaml'}\n")
+    with pytest.raises(ConfigError, match="extends itself"):
+        load_config(DistillTrainConfig, tmp_path / "a.yaml")

@@ -94,9 +94,30 @@ def apply_overrides(data: dict[str, Any], overrides: list[tuple[str, Any]]) -> d
     return out
 
 
+def read_config(name: str | Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The raw mapping of a config file or preset, over the one its ``extends`` key names (a preset or
+    a path): a stage that continues another states only what it changes, not a copy of the rest."""
+    path = resolve_config_path(name).resolve()
+    if path in seen:
+        raise ConfigError(f"config {path.name} extends itself through {' -> '.join(p.name for p in seen)}")
+    data = read_file(path)
+    base = data.pop("extends", None)
+    return data if base is None else _merged(read_config(base, (*seen, path)), data)
+
+
+def _merged(base: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` over ``base``, nested mappings merged key by key (anything else replaced)."""
+    merged = dict(base)
+    for key, value in data.items():
+        both = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = _merged(merged[key], value) if both else value
+    return merged
+
+
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[tuple[str, Any]] | None = None) -> T:
-    """Build ``cls`` from its defaults, the file at ``path`` (or preset name) and dotted overrides."""
-    data = read_file(resolve_config_path(path)) if path is not None else {}
+    """Build ``cls`` from its defaults, the file at ``path`` (or preset name, with what it ``extends``)
+    and dotted overrides."""
+    data = read_config(path) if path is not None else {}
     data = apply_overrides(data, overrides or [])
     raw = onto_defaults(cls(), data)
     try:
