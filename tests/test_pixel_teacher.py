@@ -163,6 +163,25 @@ def test_image_discriminator_judges_the_decoded_student_against_the_teacher_imag
         trainer.close()
 
 
+def test_hr_fidelity_in_pixels_reaches_the_student_and_the_decoder(tmp_path: Path, bank: Path, registry: Path) -> None:
+    """losses.pixel_hr alone: L1 of the decoded student against the HR trains both trained parts."""
+    off = [f"losses.{name}.enabled=false" for name in ("distill", "hfp", "fidelity", "pixel", "pixel_hfp")]
+    overrides = [parse_override(s) for s in [*TINY_PIXEL, f"pixel_teacher.bank={bank}", "losses.pixel_hr.enabled=true", *off]]
+    overrides += [("run.out_dir", str(tmp_path)), ("run.device", "cpu"), ("data.crop_size", 32), ("data.batch_size", 2)]
+    cfg = load_config(DistillTrainConfig, "distill-esrgan", overrides)
+    trainer = Trainer(cfg.run, cfg)
+    try:
+        stage = DistillStage(cfg, trainer, Registry(registry), alias=None)
+        out = stage.losses(next(stage.batches(0)), step=0)  # type: ignore[arg-type]
+        assert set(out.log) == {"loss/pixel_hr", "loss/decoder", "loss/total"}
+        assert 0 < out.log["loss/pixel_hr"].item() < 2  # an L1 of images in [-1, 1]
+        out.minimise["student"].backward()
+        for part in (stage.student.module, stage.decoder.module):  # type: ignore[union-attr]
+            assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters())
+    finally:
+        trainer.close()
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [

@@ -69,6 +69,10 @@ class DistillLosses(Config):
     pixel_hfp: LossTerm = Field(default_factory=lambda: LossTerm(enabled=False, weight=1.0))
     """Pixel teachers only: L1 between the Haar detail bands of ``D(z_stu)`` and of the teacher's image
     (L_HFP's idea in pixel space: the detail is what pixel L1 under-weights)."""
+    pixel_hr: LossTerm = Field(default_factory=lambda: LossTerm(enabled=False, weight=1.0))
+    """L1 between the decoded student ``D(z_stu)`` and the HR: ground-truth fidelity in pixels, which
+    holds PSNR while an image-space L_adv pulls texture in (the latent ``fidelity`` term does not reach
+    a trained decoder)."""
     decoder: LossTerm = Field(default_factory=lambda: LossTerm(enabled=False, weight=1.0))
     """``pixel_teacher.train_decoder`` only: L1 and Haar-detail L1 of ``D(E(teacher image))`` against
     that image, the decoder's own loss (an autoencoder fine-tuned on sharp images)."""
@@ -260,17 +264,20 @@ class DistillStage:
         if cfg.losses.fidelity.enabled:
             terms["fidelity"] = F.mse_loss(z_stu, pair.z0)
         image_adversary = self.adversary is not None and cfg.discriminator_input == "image"
-        decoded = self.latents.decode(z_stu) if self.clip is not None or teacher_image is not None or image_adversary else None
+        needs_image = self.clip is not None or teacher_image is not None or image_adversary or cfg.losses.pixel_hr.enabled
+        decoded = self.latents.decode(z_stu) if needs_image else None
         # Outside autocast: pytorch_wavelets' autograd function fails in backward on half-precision grads.
         with torch.autocast(z_stu.device.type, enabled=False):
             if cfg.losses.hfp.enabled:
                 terms["hfp"] = hfp_loss(z_stu, z_tch)
-            if teacher_image is not None and decoded is not None:
-                image = decoded.float()
+            image = decoded.float() if decoded is not None else None
+            if teacher_image is not None and image is not None:
                 if cfg.losses.pixel.enabled:
                     terms["pixel"] = (image - teacher_image).abs().mean()
                 if cfg.losses.pixel_hfp.enabled:
                     terms["pixel_hfp"] = detail_l1(image, teacher_image)
+            if cfg.losses.pixel_hr.enabled and image is not None:
+                terms["pixel_hr"] = (image - pair.hr).abs().mean()
         if self.clip is not None:
             terms["semantic"] = self.clip(decoded, pair.hr)
         adversarial = self.adversary is not None and self.adversary.active(step)
