@@ -1,5 +1,5 @@
-"""benchmarks/centre_crops.py, benchmarks/autoencoder_recon.py and benchmarks/bench_cpu.py on fixture
-images and a tiny model."""
+"""benchmarks/centre_crops.py, benchmarks/autoencoder_recon.py, benchmarks/bench_cpu.py and
+benchmarks/student_widths.py on fixture images and a tiny model."""
 
 from __future__ import annotations
 
@@ -72,3 +72,15 @@ def test_bench_cpu_quick_reports_every_part_of_issue_28(tmp_path: Path) -> None:
     assert [row["tile"] for row in report["compile"]["rows"]] == [16] and report["compile"]["verdict"]
     assert {"fast_over_float32", "http_overhead_share", "healthz_p50_ms", "guard_min_psnr_db"} <= set(report["targets"])
     assert "| tiny | fast" in table.read_text()
+
+
+def test_student_widths_times_each_width_with_the_entrys_autoencoder(tmp_path: Path) -> None:
+    """benchmarks/student_widths.py on the tiny model: one row per width, more parameters as it widens."""
+    save_tiny_model(tmp_path / "registry")
+    out = tmp_path / "widths.json"
+    module = importlib.import_module("student_widths")
+    assert module.main(["--model", "tiny", "--registry", str(tmp_path / "registry"), "--widths", "32,64",
+                        "--size", "32", "--repeats", "1", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["widths"]
+    assert [row["model_channels"] for row in rows] == [32, 64]
+    assert rows[0]["unet_params_m"] < rows[1]["unet_params_m"] and all(row["seconds_per_image"] > 0 for row in rows)
