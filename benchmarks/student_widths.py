@@ -15,7 +15,6 @@ import argparse
 import dataclasses
 import json
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -36,23 +35,19 @@ def time_widths(model: str, registry: Path, widths: list[int], size: int, repeat
     _, autoencoder = source.state_dicts()
     lr = Image.open(image).convert("RGB").crop((0, 0, size, size))
     rows = []
-    with tempfile.TemporaryDirectory() as scratch:
-        widened = Registry(Path(scratch))
-        for width in widths:
-            unet_config = dataclasses.replace(config.unet, model_channels=width, swin_embed_dim=width)
-            unet = SwinUNet.from_config(unet_config)
-            widened.save("wide", str(width), dataclasses.replace(config, unet=unet_config), unet.state_dict(),
-                         autoencoder, dtype=torch.float16)
-            pipe = SRPipeline.from_registry(f"wide:{width}", widened.root)
+    for width in widths:
+        unet_config = dataclasses.replace(config.unet, model_channels=width, swin_embed_dim=width)
+        unet = SwinUNet.from_config(unet_config)
+        params = sum(p.numel() for p in unet.parameters()) / 1e6
+        pipe = SRPipeline.from_state_dicts(dataclasses.replace(config, unet=unet_config), unet.state_dict(), autoencoder)
+        pipe(lr, seed=0)
+        seconds = []
+        for _ in range(repeats):
+            start = time.perf_counter()
             pipe(lr, seed=0)
-            seconds = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                pipe(lr, seed=0)
-                seconds.append(time.perf_counter() - start)
-            params = sum(p.numel() for p in unet.parameters()) / 1e6
-            rows.append({"model_channels": width, "unet_params_m": round(params, 2),
-                         "seconds_per_image": statistics.median(seconds)})
+            seconds.append(time.perf_counter() - start)
+        rows.append({"model_channels": width, "unet_params_m": round(params, 2),
+                     "seconds_per_image": statistics.median(seconds)})
     return rows
 
 

@@ -273,11 +273,11 @@ class DistillStage:
             image = decoded.float() if decoded is not None else None
             if teacher_image is not None and image is not None:
                 if cfg.losses.pixel.enabled:
-                    terms["pixel"] = (image - teacher_image).abs().mean()
+                    terms["pixel"] = F.l1_loss(image, teacher_image)
                 if cfg.losses.pixel_hfp.enabled:
                     terms["pixel_hfp"] = detail_l1(image, teacher_image)
             if cfg.losses.pixel_hr.enabled and image is not None:
-                terms["pixel_hr"] = (image - pair.hr).abs().mean()
+                terms["pixel_hr"] = F.l1_loss(image, pair.hr)
         if self.clip is not None:
             terms["semantic"] = self.clip(decoded, pair.hr)
         adversarial = self.adversary is not None and self.adversary.active(step)
@@ -305,7 +305,7 @@ class DistillStage:
     def decoder_loss(self, z_tch: Tensor, teacher_image: Tensor) -> Tensor:
         """L1 + Haar-detail L1 of the decoded teacher latent against the teacher's image."""
         image = self.latents.decode(z_tch).float()
-        return (image - teacher_image).abs().mean() + detail_l1(image, teacher_image)
+        return F.l1_loss(image, teacher_image) + detail_l1(image, teacher_image)
 
     def publication(self) -> Publication:
         cfg = self.cfg
