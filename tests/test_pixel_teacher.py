@@ -9,6 +9,7 @@ from unittest import mock
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from model.autoencoder import VQAutoencoder
 from model.config import AutoencoderConfig, DDConfig
@@ -161,6 +162,27 @@ def test_image_discriminator_judges_the_decoded_student_against_the_teacher_imag
         assert all(torch.equal(a, p.grad) for a, p in zip(before, stage.student.module.parameters()))  # fakes detached
     finally:
         trainer.close()
+
+
+def test_a_gan_run_leaves_its_discriminator_for_the_next_one(tmp_path: Path, bank: Path, registry: Path) -> None:
+    """A finished GAN run writes its discriminator (float16, no optimiser) into the run folder, and a
+    later run's ``discriminator.init_from`` starts from exactly those weights, not a fresh judge."""
+    sets = [item for s in [*TINY_PIXEL, f"pixel_teacher.bank={bank}", "pixel_teacher.init_from=null",
+                           "data.crop_size=32", "data.batch_size=2"] for item in ("--set", s)]
+    first = tmp_path / "first"
+    train("distill", "distill-esrgan-gan", registry, first, "--steps", "2", *sets)
+    saved = load_file(first / "discriminator.safetensors")
+    assert saved and {t.dtype for t in saved.values() if t.is_floating_point()} == {torch.float16}
+    overrides = [parse_override(s) for s in [*sets[1::2], f"discriminator.init_from={first / 'discriminator.safetensors'}"]]
+    overrides += [("run.out_dir", str(tmp_path / "second")), ("run.device", "cpu")]
+    cfg = load_config(DistillTrainConfig, "distill-esrgan-gan", overrides)
+    trainer = Trainer(cfg.run, cfg)
+    try:
+        start = DistillStage(cfg, trainer, Registry(registry), alias=None).adversary.part.module.state_dict()  # type: ignore[union-attr]
+    finally:
+        trainer.close()
+    assert start.keys() == saved.keys()
+    assert all(torch.equal(start[k], saved[k].float()) for k in saved if saved[k].is_floating_point())
 
 
 def test_hr_fidelity_in_pixels_reaches_the_student_and_the_decoder(tmp_path: Path, bank: Path, registry: Path) -> None:

@@ -10,12 +10,16 @@ per step, as DDP expects). Both parts then step in the same iteration.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
+from model.checkpoint import load_into
+
+from .checkpoints import load_weights
 from .config_files import Config
 from .trainer import OptimConfig, Trainer, frozen
 
@@ -116,6 +120,11 @@ class DiscriminatorSetup(Config):
     network: DiscriminatorConfig = Field(default_factory=DiscriminatorConfig)
     optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=1e-4, betas=(0.5, 0.9)))
     start_step: int = 0
+    init_from: Path | None = None
+    """A discriminator's weights from an earlier run (its run folder's ``discriminator.safetensors``).
+    A GAN continued with a fresh discriminator spends its first hundreds of steps teaching it what
+    the old one knew, while the generator is pulled by an uninformed judge; on a CPU that is a
+    large share of a sitting."""
 
 
 class Adversary:
@@ -123,6 +132,8 @@ class Adversary:
 
     def __init__(self, trainer: Trainer, setup: DiscriminatorSetup, in_channels: int) -> None:
         network = PatchDiscriminator(setup.network.model_copy(update={"in_channels": in_channels}))
+        if setup.init_from is not None:
+            load_into(network, load_weights(setup.init_from), f"discriminator.init_from {setup.init_from}")
         self.part = trainer.add_part(PART, network, setup.optim)
         self.start_step = setup.start_step
 
@@ -150,3 +161,9 @@ class Adversary:
         logits = self.part.net(torch.cat([real, fake.detach().to(real.dtype)])).float()
         real_logits, fake_logits = logits.chunk(2)
         return hinge_d_loss(real_logits, fake_logits)
+
+
+def companions(adversary: Adversary | None) -> dict[str, dict[str, Tensor]]:
+    """A stage's :attr:`Publication.companions <training.trainer.Publication.companions>`: the
+    discriminator's weights, under the stem its ``init_from`` is documented by (none without one)."""
+    return {PART: adversary.part.module.state_dict()} if adversary is not None else {}

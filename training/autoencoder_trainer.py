@@ -22,7 +22,7 @@ from model.config import AutoencoderConfig, ModelConfig
 from model.registry import Registry, RegistryEntry
 
 from . import trainer as trainer_lib
-from .adversary import Adversary, DiscriminatorSetup
+from .adversary import Adversary, DiscriminatorSetup, companions
 from .losses import detail_l1
 from .resampler_init import check as check_resampler
 from .resampler_init import init_as_resampler
@@ -148,7 +148,7 @@ class AutoencoderStage:
     def publication(self) -> Publication:
         provenance = {"source": f"vpdsr train {KIND}", "init_from": self.init_from}
         config = ModelConfig(autoencoder=self.cfg.autoencoder, inference_steps=0, kind=KIND, provenance=provenance)
-        return Publication(self.cfg.name, config, {}, self.trainer.weights(KIND), self.alias)
+        return Publication(self.cfg.name, config, {}, self.trainer.weights(KIND), self.alias, companions(self.adversary))
 
 
 def train(

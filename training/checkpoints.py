@@ -82,3 +82,28 @@ def load(path: str | Path) -> dict[str, Any]:
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a vpdsr training checkpoint (format {FORMAT})")
     return state
+
+
+def save_half(state: dict[str, torch.Tensor], path: Path) -> Path:
+    """One network's weights as safetensors, floating-point tensors in float16: what a run leaves
+    for a later run on another machine (no optimiser moments, no EMA copy, two bytes a weight)."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    half = {k: (t.half() if t.is_floating_point() else t).detach().cpu().contiguous() for k, t in state.items()}
+    save_file(half, path)
+    return path
+
+
+def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """Weights written by :func:`save_half`, in float32 for training."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file not found: {path}")
+    try:
+        state = load_file(path)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is a bad weights file for the user
+        raise CheckpointError(f"cannot read weights file {path}: {exc}") from None
+    return {k: t.float() if t.is_floating_point() else t for k, t in state.items()}

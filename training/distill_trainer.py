@@ -42,7 +42,7 @@ from model.schedule import ResShiftSchedule
 from model.unet import SwinUNet
 
 from . import trainer as trainer_lib
-from .adversary import Adversary, DiscriminatorSetup
+from .adversary import Adversary, DiscriminatorSetup, companions
 from .config_files import Config, ConfigError, to_plain
 from .degradations import DegradationConfig, Degrader
 from .latents import AutoencoderSource, Pair, build_codec, check_sizes, frozen_codec, make_pair
@@ -332,7 +332,9 @@ class DistillStage:
             provenance=provenance,
         )
         autoencoder = self.trainer.weights(DECODER) if self.decoder is not None else self.latents.autoencoder.state_dict()
-        return Publication(cfg.name, config, self.trainer.weights(KIND), autoencoder, self.alias)
+        return Publication(
+            cfg.name, config, self.trainer.weights(KIND), autoencoder, self.alias, companions(self.adversary)
+        )
 
 
 def train(

@@ -169,6 +169,11 @@ class Publication:
     unet: dict[str, Tensor]
     autoencoder: dict[str, Tensor]
     alias: str | None = None
+    companions: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+    """Networks trained beside the model but never served (the discriminator), by file stem:
+    :func:`train` writes each into the run folder as ``STEM.safetensors`` in float16, small enough
+    to commit, so that a later run on another machine can continue with it (its ``init_from``)
+    where a full checkpoint, with optimiser moments, is too large to keep."""
 
 
 class Stage(Objective, Protocol):
@@ -495,6 +500,9 @@ def train(
         model_config = replace(out.config, provenance=out.config.provenance | trainer.provenance(config.data))
         aliases = (out.alias,) if out.alias else ()
         version = registry.next_version(out.name)
-        return registry.save(out.name, version, model_config, out.unet, out.autoencoder, aliases=aliases)
+        entry = registry.save(out.name, version, model_config, out.unet, out.autoencoder, aliases=aliases)
+        for stem, state in out.companions.items():
+            checkpoints.save_half(state, trainer.out_dir / f"{stem}.safetensors")
+        return entry
     finally:
         trainer.close()
